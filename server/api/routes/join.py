@@ -1,0 +1,27 @@
+"""Join a run (peer certificate, ICE servers, initial peers) and renew the certificate."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from hivewire_server import joining, runs
+from hivewire_server.api.deps import CurrentUser, SessionDep, SettingsDep
+from hivewire_server.schemas import JoinRequest, JoinResponse, RenewRequest
+
+router = APIRouter(prefix="/api/runs", tags=["join"])
+
+
+@router.post("/{slug}/join")
+async def join(
+    slug: str, body: JoinRequest, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> JoinResponse:
+    run = await runs.get_run(session, slug=slug, user=user)
+    return await joining.join(session, settings=settings, run=run, user=user, peer_key=body.peer_key)
+
+
+@router.post("/{slug}/renew")
+async def renew(
+    slug: str, body: RenewRequest, user: CurrentUser, session: SessionDep, settings: SettingsDep
+) -> JoinResponse:
+    run = await runs.get_run(session, slug=slug, user=user)
+    return await joining.renew(session, settings=settings, run=run, user=user, certificate=body.certificate)

@@ -1,0 +1,65 @@
+"""The app factory: settings → database → middleware → routers → dashboard."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.sessions import SessionMiddleware
+
+import hivewire_server.dashboard
+from hivewire_server.api import errors
+from hivewire_server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from hivewire_server.api.routes import auth, device, health, join, runs, tokens, wellknown
+from hivewire_server.auth import oidc
+from hivewire_server.core.config import Settings
+from hivewire_server.core.db import create_engine, session_factory
+from hivewire_server.dashboard import routes as pages
+
+SESSION_COOKIE = "hivewire_session"  # its own name: the OpenID provider may share the host's cookie jar
+SESSION_MAX_AGE_SECONDS = 14 * 24 * 3600
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url)
+        app.state.engine = engine
+        app.state.sessions = session_factory(engine)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(title="Hivewire", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    errors.install(app)
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=settings.session_secret.get_secret_value(),
+        session_cookie=SESSION_COOKIE,
+        max_age=SESSION_MAX_AGE_SECONDS,
+        same_site="lax",
+        https_only=settings.base_url.startswith("https://"),
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AccessLogMiddleware)
+    for router in (
+        health.router,
+        auth.router,
+        tokens.router,
+        device.router,
+        runs.router,
+        join.router,
+        wellknown.router,
+    ):
+        app.include_router(router)
+    oidc.install(app, settings)
+    app.include_router(pages.router)
+    static_dir = f"{hivewire_server.dashboard.__path__[0]}/static"
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+    return app

@@ -1,0 +1,188 @@
+"""Request and response records of the HTTP API (docs/protocol.md), apart from the tables."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
+RecipeName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+Strategy = Literal["dedloc", "diloco"]
+Compression = Literal["none", "fp16", "int8"]
+Visibility = Literal["public", "private"]
+JoinPolicy = Literal["open", "allowlist"]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused: a typo in a request should not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- users and sign-in ---------------------------------------------------------------------------------
+
+
+class SignupRequest(Strict):
+    email: EmailStr = Field(max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+    display_name: str = Field(min_length=1, max_length=100)
+
+
+class LoginRequest(Strict):
+    email: EmailStr = Field(max_length=320)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class UserPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    email: str | None
+    display_name: str
+    is_organizer: bool
+
+
+class TokenCreate(Strict):
+    name: str = Field(default="cli", min_length=1, max_length=100)
+
+
+class TokenPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str
+
+
+class TokensPublic(BaseModel):
+    data: list[TokenPublic]
+    count: int
+
+
+# -- device authorization (RFC 8628) -------------------------------------------------------------------
+
+
+class DeviceCodeResponse(BaseModel):
+    device_code: str
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str
+    expires_in: int
+    interval: int
+
+
+class DeviceApproveRequest(Strict):
+    user_code: str = Field(min_length=8, max_length=16)
+    approve: bool
+
+
+class DeviceTokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"] = "Bearer"
+
+
+# -- runs ----------------------------------------------------------------------------------------------
+
+
+class RunFields(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    description: str = Field(default="", max_length=4000)
+    recipe: RecipeName
+    recipe_version: str = Field(default="1", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._+-]+$")
+    strategy: Strategy = "dedloc"
+    target_batch_size: int = Field(ge=1, le=10**9)
+    group_size: int = Field(default=16, ge=2, le=256)
+    compression: Compression = "none"
+    visibility: Visibility = "public"
+    join_policy: JoinPolicy = "open"
+
+
+class RunCreate(RunFields):
+    slug: Slug
+
+
+class RunUpdate(Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    description: str | None = Field(default=None, max_length=4000)
+    recipe: RecipeName | None = None
+    recipe_version: str | None = Field(default=None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._+-]+$")
+    strategy: Strategy | None = None
+    target_batch_size: int | None = Field(default=None, ge=1, le=10**9)
+    group_size: int | None = Field(default=None, ge=2, le=256)
+    compression: Compression | None = None
+    visibility: Visibility | None = None
+    join_policy: JoinPolicy | None = None
+
+
+class RunSpec(BaseModel):
+    """What a client needs to train (docs/protocol.md, RunSpec)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    slug: str
+    name: str
+    description: str
+    recipe: str
+    recipe_version: str
+    strategy: Strategy
+    target_batch_size: int
+    group_size: int
+    compression: Compression
+    visibility: Visibility
+    join_policy: JoinPolicy
+
+
+class RunsPublic(BaseModel):
+    data: list[RunSpec]
+    count: int
+
+
+class UserRef(Strict):
+    user_id: int = Field(ge=1)
+
+
+class BanRequest(UserRef):
+    reason: str = Field(default="", max_length=500)
+
+
+class MemberPublic(BaseModel):
+    user_id: int
+    display_name: str
+    allowed: bool
+    joined_at: datetime | None
+    banned_at: datetime | None
+    ban_reason: str
+
+
+class MembersPublic(BaseModel):
+    data: list[MemberPublic]
+    count: int
+
+
+# -- join ----------------------------------------------------------------------------------------------
+
+
+class JoinRequest(Strict):
+    peer_key: str = Field(min_length=43, max_length=43, description="base64url Ed25519 public key")
+
+
+class RenewRequest(Strict):
+    certificate: str = Field(min_length=1, max_length=4096)
+
+
+class JoinResponse(BaseModel):
+    peer_id: str
+    certificate: str
+    certificate_expires_at: datetime
+    ice_servers: list[dict[str, Any]]
+    run: RunSpec
+    initial_peers: list[str]
+    signaling_url: str
