@@ -6,12 +6,19 @@ the whole session, and every SDP is checked to carry no other candidate address 
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from hivewire.mesh import Link, LinkSettings, build_configuration, restrict_host_addresses
+from hivewire.mesh import (
+    ControlCodec,
+    Link,
+    LinkSettings,
+    RecordSchema,
+    build_configuration,
+    restrict_host_addresses,
+)
 
 LOOPBACK = "127.0.0.1"
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ", re.MULTILINE)
@@ -45,20 +52,21 @@ def new_pc() -> RTCPeerConnection:
     return RTCPeerConnection(build_configuration([]))
 
 
-LinkPair = Callable[..., "asyncio.Future[tuple[Link, Link]]"]
-
-
 @pytest.fixture
 async def link_pair() -> AsyncIterator[Callable[..., object]]:
     """Factory for an open pair of links (a offers, b answers); every link is closed at teardown."""
     links: list[Link] = []
 
     async def make(
-        settings_a: LinkSettings | None = None, settings_b: LinkSettings | None = None, **kwargs: object
+        settings_a: LinkSettings | None = None,
+        settings_b: LinkSettings | None = None,
+        *,
+        schemas: Sequence[RecordSchema] = (),
+        on_dead: Callable[[Link, str], None] | None = None,
     ) -> tuple[Link, Link]:
         pc_a, pc_b = new_pc(), new_pc()
-        a = Link(pc_a, peer="b", settings=settings_a, **kwargs)  # type: ignore[arg-type]
-        b = Link(pc_b, peer="a", settings=settings_b)
+        a = Link(pc_a, peer="b", settings=settings_a, codec=ControlCodec(schemas), on_dead=on_dead)
+        b = Link(pc_b, peer="a", settings=settings_b, codec=ControlCodec(schemas))
         links.extend((a, b))
         await negotiate(pc_a, pc_b)
         await asyncio.gather(a.wait_open(), b.wait_open())
