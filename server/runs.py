@@ -102,7 +102,7 @@ async def list_members(session: AsyncSession, *, organizer: User, run: Run) -> l
     rows = await session.execute(
         select(Membership, User).join(User, User.id == Membership.user_id).where(Membership.run_id == run.id)
     )
-    return [(membership, user) for membership, user in rows.tuples()]
+    return [(membership, user) for membership, user in rows]
 
 
 async def admit(session: AsyncSession, *, run: Run, user: User) -> Membership:
