@@ -1,0 +1,28 @@
+"""`hivewire runs`: the runs this account may see and join."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from hivewire._text import printable
+from hivewire.cli._common import open_api, resolve
+
+
+def command(
+    ctx: typer.Context,
+    server: Annotated[str | None, typer.Option(help="Server URL [default: $HIVEWIRE_SERVER or the last login]")] = None,
+) -> None:
+    """List runs with their recipe and strategy."""
+    config = resolve(ctx, server=server)
+    with open_api(ctx, config) as api:
+        runs = api.runs()
+    if not runs.data:
+        typer.echo(f"No runs on {config.server} that you can see.")
+        return
+    width = max(len(run.slug) for run in runs.data)
+    for run in runs.data:
+        recipe = f"{run.recipe} {printable(run.recipe_version, 32)}"
+        typer.echo(f"{run.slug:<{width}}  {recipe:<24}  {run.strategy:<7}  {printable(run.name, 100)}")
+        typer.echo(f"{'':<{width}}  join: hivewire join {config.server}/runs/{run.slug}")
