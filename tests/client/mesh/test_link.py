@@ -13,7 +13,13 @@ import pytest
 from aiortc import RTCSessionDescription
 
 from hivewire.mesh import FramingLimits, Link, LinkError, LinkSettings, RecordSchema
-from hivewire.mesh.framing import FRAMING_VERSION, HEADER, KIND_CHUNK, MAX_MESSAGE_BYTES
+from hivewire.mesh.framing import (
+    DEFAULT_REMOTE_MESSAGE_BYTES,
+    FRAMING_VERSION,
+    HEADER,
+    KIND_CHUNK,
+    MAX_MESSAGE_BYTES,
+)
 
 from .conftest import loopback_sdp, negotiate, new_pc
 
@@ -218,3 +224,36 @@ async def test_ice_that_never_completes_closes_cleanly(caplog: pytest.LogCapture
     assert all(isinstance(r, LinkError) and "open_timeout_s=1.0" in str(r) for r in results), results
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_frames_shrink_when_the_remote_sdp_lacks_max_message_size() -> None:
+    """RFC 8841: no a=max-message-size means 65,536 bytes; larger frames would make aiortc raise."""
+    pc_a, pc_b = new_pc(), new_pc()
+    a, b = Link(pc_a, peer="b"), Link(pc_b, peer="a")
+    try:
+        await pc_a.setLocalDescription(await pc_a.createOffer())
+        await pc_b.setRemoteDescription(loopback_sdp(pc_a.localDescription))
+        await pc_b.setLocalDescription(await pc_b.createAnswer())
+        answer = loopback_sdp(pc_b.localDescription)
+        stripped = re.sub(r"a=max-message-size:\d+\r\n", "", answer.sdp)
+        await pc_a.setRemoteDescription(RTCSessionDescription(sdp=stripped, type=answer.type))
+        await asyncio.gather(a.wait_open(), b.wait_open())
+        sizes: list[int] = []
+        send = a.bulk_channel.send
+        a.bulk_channel.send = lambda data: (sizes.append(len(data)), send(data))[1]  # type: ignore[method-assign]
+        data = os.urandom(300_000)
+        await a.send_payload(data)
+        assert (await asyncio.wait_for(b.recv_payload(), DEADLINE_S))[1] == data
+        assert max(sizes) == DEFAULT_REMOTE_MESSAGE_BYTES
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_payloads_wait_for_the_link_to_open() -> None:
+    link = Link(new_pc(), peer="nobody")
+    try:
+        with pytest.raises(LinkError, match="not open yet"):
+            await link.send_payload(b"x")
+    finally:
+        await link.close()

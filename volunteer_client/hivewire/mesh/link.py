@@ -37,6 +37,7 @@ BULK_CHANNEL_ID = 1
 # Refusals logged one by one before the log thins out to every 1000th, so a hostile peer cannot flood it.
 _LOGGED_REFUSALS = 10
 _REASON_CHARS = 300  # of a refusal reason sent back to the peer
+_MIN_FRAME_BYTES = 1024  # a peer announcing a smaller a=max-message-size is refused (and not standard)
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,17 @@ class Link:
             await self._fail_and_close(f"channels not open after open_timeout_s={self.settings.open_timeout_s}")
         if self._closing:
             raise LinkError(f"link to {self.peer} did not open: {self.dead_reason or 'closed'}")
+        if self._max_frame_bytes:
+            return  # already open: one keepalive per link
         remote = self._pc.remoteDescription
-        self._max_frame_bytes = min(
+        max_frame_bytes = min(
             self.settings.framing.max_frame_bytes, max_message_bytes_from_sdp(remote.sdp if remote else "")
         )
+        if max_frame_bytes < _MIN_FRAME_BYTES:
+            reason = f"peer accepts messages of {max_frame_bytes} bytes, fewer than the {_MIN_FRAME_BYTES} we need"
+            await self._fail_and_close(reason)
+            raise LinkError(f"link to {self.peer} refused: {reason}")
+        self._max_frame_bytes = max_frame_bytes
         self._last_heard = self._loop.time()
         self._spawn(self._keepalive())
         logger.info("link to %s open; bulk frames up to %d bytes", self.peer, self._max_frame_bytes)
@@ -186,6 +194,8 @@ class Link:
             while len(self._unreleased) >= self.settings.framing.max_incoming_payloads:
                 await self._wait_sender_wake()
             self._check_open()
+            if not self._max_frame_bytes:
+                raise LinkError(f"link to {self.peer}: await wait_open() before sending payloads")
             payload_id = next(self._payload_ids)
             self._unreleased.add(payload_id)
             for frame in encode_payload(payload_id, data, self._max_frame_bytes):
@@ -206,7 +216,10 @@ class Link:
         payload_id, data = await self._next(self._payloads)
         self._decoder.release()
         if not self._closing:
-            self.send_control({"type": "bulk_release", "payload_id": payload_id})
+            try:
+                self.send_control({"type": "bulk_release", "payload_id": payload_id})
+            except LinkError as exc:  # the payload is already taken: hand it over, the link is failing anyway
+                logger.warning("could not return credit for payload %d to %s: %s", payload_id, self.peer, exc)
         return payload_id, data
 
     async def payloads(self) -> AsyncIterator[tuple[int, bytearray]]:
@@ -257,7 +270,7 @@ class Link:
         if self._closing:
             raise LinkError(f"link to {self.peer} is closed: {self.dead_reason or 'closed locally'}")
         if self._bulk.readyState != "open" or self._control.readyState != "open":
-            raise LinkError(f"link to {self.peer} is not open; await wait_open() first")
+            raise LinkError(f"link to {self.peer} is not open yet; await wait_open() first")
 
     def _on_channel_open(self) -> None:
         if self._control.readyState == "open" and self._bulk.readyState == "open":

@@ -1,0 +1,283 @@
+"""Transport benchmark on loopback: what our framing costs on top of aiortc, and where aiortc stands.
+
+Prints one table, with baselines from the same run and ratios; it never asserts on time.
+
+* asyncio TCP, two processes: the ceiling of the machine;
+* raw aiortc: one pre-negotiated data channel, 262,144-byte messages, bufferedAmount backpressure, no
+  framing or checksum: what our framing is measured against;
+* one hivewire Link (framing, SHA-256, credit, keepalive);
+* several Links at once in the same process pair.
+
+Sender and receiver run in two processes: in one process aiortc runs at half speed (the two ends share a
+core; shared/notes/webrtc-field-notes.md). Host candidates are restricted to 127.0.0.1: nothing leaves
+loopback. Usage: ``python bench/transport.py [--mb 32] [--links 3] [--repeat 3]``.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+
+from hivewire.mesh import Link, LinkSettings, build_configuration, restrict_host_addresses
+from hivewire.mesh.framing import MAX_MESSAGE_BYTES
+
+LOOPBACK = "127.0.0.1"
+PAYLOAD_BYTES = 16 * 2**20  # one framed payload; an averaging part is of this order
+TCP_WRITE_BYTES = 2**20
+SETUP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Result:
+    """One measured transfer: receiver-side wall time and each side's CPU time over its window."""
+
+    name: str
+    total_bytes: int
+    elapsed_s: float
+    sender_cpu_s: float
+    receiver_cpu_s: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.total_bytes / self.elapsed_s / 1e6
+
+    def cpu_percent(self, cpu_s: float) -> float:
+        return 100 * cpu_s / self.elapsed_s
+
+
+async def _recv(conn: Connection) -> Any:
+    """Read from the pipe without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+
+def _new_peer_connection() -> RTCPeerConnection:
+    return RTCPeerConnection(build_configuration([]))
+
+
+def _channel(pc: RTCPeerConnection) -> RTCDataChannel:
+    return pc.createDataChannel("bench", negotiated=True, id=1)
+
+
+async def _wait_open(channel: RTCDataChannel) -> None:
+    async with asyncio.timeout(SETUP_TIMEOUT_S):
+        while channel.readyState != "open":  # noqa: ASYNC110 - setup only, not measured
+            await asyncio.sleep(0.01)
+
+
+# --- receiver process --------------------------------------------------------------------------------
+
+
+def receiver_main(conn: Connection, mode: str, links: int, total: int) -> None:
+    """Entry point of the receiving process."""
+    # The sender closes first, so this side's links report their peer gone: expected, not worth a line.
+    logging.basicConfig(level=logging.ERROR)
+    restrict_host_addresses([LOOPBACK])
+    asyncio.run(_tcp_receiver(conn, total) if mode == "tcp" else _rtc_receiver(conn, mode, links, total))
+
+
+async def _tcp_receiver(conn: Connection, total: int) -> None:
+    done = asyncio.Event()
+    window: dict[str, float] = {}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = 0
+        window["t0"], window["cpu0"] = time.perf_counter(), time.process_time()
+        while received < total:
+            chunk = await reader.read(4 * 2**20)
+            if not chunk:
+                break
+            received += len(chunk)
+        window["t1"], window["cpu1"] = time.perf_counter(), time.process_time()
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(handle, LOOPBACK, 0)
+    conn.send(server.sockets[0].getsockname()[1])
+    await done.wait()
+    server.close()
+    conn.send((window["t1"] - window["t0"], window["cpu1"] - window["cpu0"]))
+
+
+async def _rtc_receiver(conn: Connection, mode: str, count: int, total: int) -> None:
+    pcs = [_new_peer_connection() for _ in range(count)]
+    share = total // count
+    channels = [_channel(pc) for pc in pcs] if mode == "raw" else []
+    links = [Link(pc, peer=f"sender-{i}") for i, pc in enumerate(pcs)] if mode != "raw" else []
+    answers = []
+    for pc, (sdp, kind) in zip(pcs, await _recv(conn), strict=True):
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        await pc.setLocalDescription(await pc.createAnswer())
+        answers.append((pc.localDescription.sdp, pc.localDescription.type))
+    conn.send(answers)
+    window: dict[str, float] = {}
+
+    def started() -> None:
+        if "t0" not in window:
+            window["t0"], window["cpu0"] = time.perf_counter(), time.process_time()
+
+    if mode == "raw":
+        finished = [asyncio.Event() for _ in channels]
+        for channel, event in zip(channels, finished, strict=True):
+            received = [0]
+
+            def on_message(message: bytes, received: list[int] = received, event: asyncio.Event = event) -> None:
+                started()
+                received[0] += len(message)
+                if received[0] >= share:
+                    event.set()
+
+            channel.on("message", on_message)
+        await asyncio.gather(*(event.wait() for event in finished))
+    else:
+        await asyncio.gather(*(link.wait_open() for link in links))
+        for link in links:
+            link.bulk_channel.on("message", lambda _: started())
+
+        async def drain(link: Link) -> None:
+            received = 0
+            while received < share:
+                _, payload = await link.recv_payload()
+                received += len(payload)
+
+        await asyncio.gather(*(drain(link) for link in links))
+    window["t1"], window["cpu1"] = time.perf_counter(), time.process_time()
+    conn.send((window["t1"] - window["t0"], window["cpu1"] - window["cpu0"]))
+    await _recv(conn)  # the sender says when it is done, so neither side closes under the other
+    for closing in links or pcs:
+        await closing.close()
+
+
+# --- sender (this process) ---------------------------------------------------------------------------
+
+
+def measure(name: str, mode: str, links: int, total: int) -> Result:
+    """Run one transfer of ``total`` bytes with a receiver in a fresh process."""
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=receiver_main, args=(child, mode, links, total), daemon=True
+    )
+    process.start()
+    try:
+        sender = _tcp_sender(parent, total) if mode == "tcp" else _rtc_sender(parent, mode, links, total)
+        sender_cpu_s = asyncio.run(sender)
+        elapsed_s, receiver_cpu_s = parent.recv()
+        parent.send("bye")
+    finally:
+        process.join(SETUP_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+    return Result(name, total, elapsed_s, sender_cpu_s, receiver_cpu_s)
+
+
+async def _tcp_sender(conn: Connection, total: int) -> float:
+    port = await _recv(conn)
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    block = os.urandom(TCP_WRITE_BYTES)
+    cpu0 = time.process_time()
+    for _ in range(total // TCP_WRITE_BYTES):
+        writer.write(block)
+        await writer.drain()
+    await reader.read()  # the receiver closes once it has everything
+    writer.close()
+    return time.process_time() - cpu0
+
+
+async def _rtc_sender(conn: Connection, mode: str, count: int, total: int) -> float:
+    pcs = [_new_peer_connection() for _ in range(count)]
+    channels = [_channel(pc) for pc in pcs] if mode == "raw" else []
+    links = [Link(pc, peer=f"receiver-{i}") for i, pc in enumerate(pcs)] if mode != "raw" else []
+    for pc in pcs:
+        await pc.setLocalDescription(await pc.createOffer())
+    conn.send([(pc.localDescription.sdp, pc.localDescription.type) for pc in pcs])
+    for pc, (sdp, kind) in zip(pcs, await _recv(conn), strict=True):
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+    share = total // count
+    payload = os.urandom(min(PAYLOAD_BYTES, share))
+    await asyncio.gather(*(_wait_open(channel) for channel in channels), *(link.wait_open() for link in links))
+    cpu0 = time.process_time()
+    if mode == "raw":
+        await asyncio.gather(*(_send_raw(channel, share) for channel in channels))
+    else:
+        await asyncio.gather(*(_send_payloads(link, payload, share) for link in links))
+    await asyncio.get_running_loop().run_in_executor(None, conn.poll, None)  # the receiver's report is in
+    cpu_s = time.process_time() - cpu0
+    for closing in links or pcs:
+        await closing.close()
+    return cpu_s
+
+
+async def _send_raw(channel: RTCDataChannel, share: int) -> None:
+    """Send like the Link does (same message size, same buffer bounds), minus framing and checksum."""
+    settings = LinkSettings()
+    drained = asyncio.Event()
+    channel.bufferedAmountLowThreshold = settings.buffer_low_bytes
+    channel.on("bufferedamountlow", drained.set)
+    message = os.urandom(MAX_MESSAGE_BYTES)
+    for _ in range(-(-share // MAX_MESSAGE_BYTES)):
+        while channel.bufferedAmount > settings.buffer_high_bytes:
+            drained.clear()
+            await drained.wait()
+        channel.send(message)
+
+
+async def _send_payloads(link: Link, payload: bytes, share: int) -> None:
+    for _ in range(-(-share // len(payload))):
+        await link.send_payload(payload)
+
+
+def hash_speed(name: str, data: bytes) -> float:
+    """MB/s of one hash over 256 KiB slices, as the framing feeds it."""
+    view, start = memoryview(data), time.perf_counter()
+    hasher = hashlib.new(name)
+    for offset in range(0, len(view), MAX_MESSAGE_BYTES):
+        hasher.update(view[offset : offset + MAX_MESSAGE_BYTES])
+    return len(data) / (time.perf_counter() - start) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=32, help="MiB per aiortc transfer (TCP moves 16x this)")
+    parser.add_argument("--links", type=int, default=3, help="links at once in the last row")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, interleaved; each row shows its median")
+    args = parser.parse_args()
+    total = args.mb * 2**20
+    rows = [
+        ("asyncio TCP", "tcp", 1, 16 * total),
+        ("aiortc raw channel", "raw", 1, total),
+        ("aiortc + hivewire Link", "link", 1, total),
+        (f"aiortc + hivewire Link x{args.links}", "link", args.links, total),
+    ]
+    # Interleaved rounds, so a burst of load from elsewhere on the machine hits every row alike.
+    rounds = [[measure(*row) for row in rows] for _ in range(args.repeat)]
+    results = [sorted(column, key=lambda r: r.mb_per_s)[len(column) // 2] for column in zip(*rounds, strict=True)]
+    tcp, raw = results[0], results[1]
+    print(
+        f"\nloopback, two processes, {os.cpu_count()} cores, median of {args.repeat} interleaved rounds; "
+        f"aiortc rows move {args.mb} MiB, TCP {16 * args.mb} MiB"
+    )
+    header = f"{'path':<30} {'MB/s':>9} {'send CPU%':>10} {'recv CPU%':>10} {'vs TCP':>8} {'vs raw aiortc':>14}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.name:<30} {r.mb_per_s:>9.1f} {r.cpu_percent(r.sender_cpu_s):>10.0f} "
+            f"{r.cpu_percent(r.receiver_cpu_s):>10.0f} {r.mb_per_s / tcp.mb_per_s:>8.3f} "
+            f"{r.mb_per_s / raw.mb_per_s:>14.2f}"
+        )
+    overhead = 1 - results[2].mb_per_s / raw.mb_per_s
+    print(f"\nframing overhead on one link: {100 * overhead:.1f}% of raw aiortc throughput (target < 10%)")
+    sample = os.urandom(64 * 2**20)
+    speeds = ", ".join(f"{name} {hash_speed(name, sample):.0f} MB/s" for name in ("sha256", "blake2b"))
+    print(f"checksum candidates on this CPU: {speeds} (framing uses sha256)")
+
+
+if __name__ == "__main__":
+    main()
