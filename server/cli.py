@@ -93,3 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except DomainError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""`hivewire-server`: the start-up sequence the container runs (wait for the database, migrate, serve),
+run here as real processes, and the administrative commands."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hivewire_server.cli import main
+from tests.conftest import PASSWORD, _postgres_admin, _postgres_url
+
+SERVER = [sys.executable, "-m", "hivewire_server.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited during start-up"
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1.0)
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"no answer from {url} within {timeout_s} s")
+
+
+@pytest.fixture
+def postgres_env() -> dict[str, str]:
+    name = "hw_cli_test"
+    _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
+    yield {**os.environ, "DATABASE_URL": _postgres_url(name), "LOG_LEVEL": "WARNING"}
+    _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_container_start_up_sequence_on_postgresql(postgres_env: dict[str, str]) -> None:
+    port = free_port()
+    env = {**postgres_env, "PUBLIC_URL": f"http://127.0.0.1:{port}"}
+    subprocess.run([*SERVER, "wait-for-db", "--timeout", "10"], env=env, check=True)
+    subprocess.run([*SERVER, "migrate"], env=env, check=True)
+    process = subprocess.Popen([*SERVER, "serve", "--no-migrate", "--port", str(port)], env=env)
+    try:
+        response = wait_for_health(f"http://127.0.0.1:{port}", process)
+        assert response.json() == {"status": "ok", "database": "ok"}
+        signup = httpx.post(
+            f"http://127.0.0.1:{port}/api/auth/signup",
+            json={"email": "root@example.org", "password": PASSWORD, "display_name": "Root"},
+        )
+        assert signup.status_code == 201
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_wait_for_db_gives_up_with_a_clear_message() -> None:
+    env = {**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none", "LOG_LEVEL": "ERROR"}
+    result = subprocess.run([*SERVER, "wait-for-db", "--timeout", "1"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "database not reachable after 1 s" in result.stderr
+
+
+def test_make_organizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    database_url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    main(["migrate"])
+    with pytest.raises(SystemExit):
+        main(["make-organizer", "nobody@example.org"])
+    assert "no user with email nobody@example.org" in capsys.readouterr().err
