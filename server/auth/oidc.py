@@ -113,6 +113,11 @@ def _lookup(request: Request, name: str) -> tuple[Provider, StarletteOAuth2App]:
     return provider, request.app.state.oauth.create_client(name)
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """Provider- or attacker-supplied text, cut short and without control characters (no forged log lines)."""
+    return "".join(char if char.isprintable() else "?" for char in text[:limit])
+
+
 def _failed(provider: Provider, reason: str) -> InvalidInput:
     log.warning("sign-in through %s refused: %s", provider.name, reason)
     return InvalidInput(f"sign-in with {provider.label} failed: {reason}", code="oauth_failed")
@@ -125,11 +130,13 @@ async def _check_issuer(provider: Provider, client: StarletteOAuth2App, request:
     expected = metadata.get("issuer")
     sent = request.query_params.get("iss")
     if expected is None:
+        if provider.is_openid:
+            raise _failed(provider, "its discovery document names no issuer")
         return
     if sent is None and metadata.get("authorization_response_iss_parameter_supported"):
         raise _failed(provider, "the response lacks the `iss` parameter the provider promises to send")
     if sent is not None and sent != expected:
-        raise _failed(provider, f"the response names issuer {sent[:200]!r}, expected {expected!r}")
+        raise _failed(provider, f"the response names issuer {_shown(sent)!r}, expected {expected!r}")
 
 
 async def id_token_checks(client: StarletteOAuth2App) -> dict[str, Any]:
@@ -152,11 +159,14 @@ async def _profile(provider: Provider, client: StarletteOAuth2App, request: Requ
     except MismatchingStateError as exc:
         raise _failed(provider, "the state does not match a sign-in started here (expired or forged)") from exc
     except AuthlibBaseError as exc:
-        raise _failed(provider, f"the provider answered {exc.error}: {exc.description or 'no description'}") from exc
+        detail = _shown(str(exc.description or "no description"))
+        raise _failed(provider, f"the provider answered {_shown(str(exc.error))}: {detail}") from exc
     except JoseError as exc:
         raise _failed(provider, f"the ID token is not valid ({exc.error}: {exc.description})") from exc
     except httpx2.HTTPError as exc:
         raise _failed(provider, f"could not talk to the provider ({type(exc).__name__}); try again later") from exc
+    except ValueError as exc:  # a body that is not the JSON it should be
+        raise _failed(provider, f"the provider's answer was unusable ({type(exc).__name__})") from exc
     claims = token.get("userinfo")
     if not claims:  # no ID token, or no nonce to check it against: authlib would skip the checks
         raise _failed(provider, "no verified ID token came back")
@@ -169,7 +179,7 @@ async def login(request: Request, name: str, settings: SettingsDep, next: str = 
     request.session[NEXT_KEY] = safe_next(next)
     try:
         return await client.authorize_redirect(request, f"{settings.base_url}/auth/{name}/callback")
-    except httpx2.HTTPError as exc:
+    except (httpx2.HTTPError, ValueError) as exc:
         raise _failed(provider, f"could not load its configuration ({type(exc).__name__}); try again later") from exc
 
 
@@ -179,7 +189,7 @@ async def callback(request: Request, name: str, session: SessionDep) -> Redirect
     error = request.query_params.get("error")
     if error is not None:
         description = request.query_params.get("error_description", "no description")
-        raise _failed(provider, f"the provider answered {error[:100]}: {description[:300]}")
+        raise _failed(provider, f"the provider answered {_shown(error)}: {_shown(description)}")
     profile = await _profile(provider, client, request)
     user = await user_for_identity(
         session,
