@@ -4,13 +4,12 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hivewire_server.models import DeviceCode
-from tests.server.test_join import new_peer_key
 from tests.conftest import PASSWORD, Account, new_user, run_in_app
+from tests.server.test_join import new_peer_key
 
 GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
