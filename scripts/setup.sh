@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Hivewire needs on a fresh machine: a virtual environment with both distributions
 # (editable), dev tools, torch pinned by constraints.txt; with --test also the system packages and node
-# modules the test suite drives (coturn, chromium, chromium-driver, the OpenID provider).
+# modules the test suite drives (coturn, chromium, chromium-driver, iproute2/iptables/conntrack for the
+# NAT lab, the OpenID provider).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,7 @@ if [ "$want_test_tools" = 1 ]; then
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     command -v ip >/dev/null || missing+=(iproute2)
     command -v iptables >/dev/null || missing+=(iptables)
+    command -v conntrack >/dev/null || missing+=(conntrack)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then

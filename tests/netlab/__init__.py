@@ -1,0 +1,1 @@
+"""NAT lab: real NATs in network namespaces, coturn, and peers that must cross them (marker ``netlab``)."""
