@@ -18,13 +18,18 @@ HOMES = {
 }
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    """The lab with coturn and every home; torn down (namespaces, veths, coturn) even when tests fail."""
+@pytest.fixture(scope="session")
+def netlab_ready() -> None:
+    """Skip, saying why, where the machine cannot build the lab (not root, no ip netns, no coturn)."""
     reason = netlab_unavailable()
     if reason is not None:
         pytest.skip(reason)
     sweep_stale()
+
+
+@pytest.fixture(scope="module")
+def lab(netlab_ready: None) -> Iterator[Lab]:
+    """The lab with coturn and every home; torn down (namespaces, veths, coturn) even when tests fail."""
     with Lab() as built:
         built.start_turn(secrets.token_hex(16))
         for label, nat in HOMES.items():

@@ -113,7 +113,7 @@ def selected_pair(pc: RTCPeerConnection) -> dict[str, Any]:
     }
 
 
-def explain_ice_failure(gathered: set[str], ice_servers: Sequence[Mapping[str, Any]]) -> str:
+def explain_ice_failure(gathered: set[str], ice_servers: Sequence[Mapping[str, Any]], *, relay_only: bool) -> str:
     """Say why no candidate pair succeeded, from the local candidate types and the configured servers.
 
     A STUN server that gives no server-reflexive candidate and a TURN server that gives no relay candidate
@@ -122,10 +122,15 @@ def explain_ice_failure(gathered: set[str], ice_servers: Sequence[Mapping[str, A
     urls = [url for server in ice_servers for url in _urls(server)]
     has_stun = any(url.startswith("stun:") for url in urls)
     has_turn = any(url.startswith(("turn:", "turns:")) for url in urls)
-    if "relay" in gathered:
+    if "relay" in gathered and relay_only:
         return (
             "no candidate pair succeeded although the TURN relay gave us a candidate: "
             "the other peer reached neither us nor the relay (its UDP may be blocked)"
+        )
+    if "relay" in gathered:
+        return (
+            "no candidate pair succeeded with policy all although the TURN relay gave us a candidate; "
+            "retry relay-only (aioice's TURN with policy all fails behind two symmetric NATs)"
         )
     if (has_stun or has_turn) and "srflx" not in gathered:
         return UDP_BLOCKED

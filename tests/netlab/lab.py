@@ -44,6 +44,7 @@ TURN_ALT_PORT = 3479
 TURN_REALM = "hivewire.test"
 COMMAND_TIMEOUT_S = 20.0  # one ip/iptables/sysctl command; they take milliseconds unless the box is stuck
 TURN_START_TIMEOUT_S = 15.0  # until coturn has bound its UDP listeners
+STOP_TIMEOUT_S = 5.0  # a lab process gets this long to exit on SIGTERM before SIGKILL
 _NAME = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]+-")
 
 
@@ -148,9 +149,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return True  # PermissionError too: the process exists
 
 
 def _delete_namespace(name: str) -> None:
@@ -170,13 +169,12 @@ def _delete_namespace(name: str) -> None:
 class Lab:
     """Builds the lab on entry and removes every namespace (and so every veth) it made on exit."""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self) -> None:
         self.tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
         self.pub = f"{self.tag}-pub"
         self.homes: dict[str, Home] = {}
         self.turn: Turn | None = None
-        self._own_workdir = workdir is None
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))  # logs, signaling files, coturn pidfile
         self._namespaces: list[str] = []
         self._processes: list[subprocess.Popen[bytes]] = []
 
@@ -291,15 +289,18 @@ class Lab:
         """Kill the lab's processes and delete its namespaces; safe to call twice and after a failed build."""
         for process in self._processes:
             if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("pid %d ignored SIGTERM for %s s; killing it", process.pid, STOP_TIMEOUT_S)
                 process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=COMMAND_TIMEOUT_S)
+                process.wait()
         self._processes.clear()
         for name in reversed(self._namespaces):
             _delete_namespace(name)
         self._namespaces.clear()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _add_namespace(self, name: str) -> None:
         run(["ip", "netns", "add", name])

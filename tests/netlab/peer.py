@@ -120,7 +120,7 @@ async def connect(args: argparse.Namespace, signal: Signal, result: Result) -> t
             await link.close()
         logger.warning("attempt %d (policy %s) failed: %s", attempt_number, attempt.policy, attempt.error)
         if relay_only or args.no_fallback or "relay" not in attempt.gathered:
-            raise LinkError(explain_ice_failure(set(attempt.gathered), args.ice_servers))
+            raise LinkError(explain_ice_failure(set(attempt.gathered), args.ice_servers, relay_only=relay_only))
         logger.info("falling back to relay-only (shared/notes pitfall 7)")
         relay_only = True
 

@@ -6,7 +6,6 @@ TURN credentials the Hivewire server would hand out, against a real coturn using
 
 import json
 import logging
-import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,11 +36,12 @@ class PairRun:
     evidence: str
 
 
-def run_peers(lab: Lab, offerer: Home, answerer: Home, *options: str) -> PairRun:
-    """Run an offerer in one home and an answerer in another until both exit; return their results."""
+def run_peers(lab: Lab, directory: Path, offerer: Home, answerer: Home, *options: str) -> PairRun:
+    """Run an offerer in one home and an answerer in another until both exit; return their results.
+
+    ``directory`` holds the signaling files, logs and results (pytest's tmp_path: kept after a failure).
+    """
     assert lab.turn is not None
-    directory = lab.workdir / f"pair-{offerer.label}-{answerer.label}-{secrets.token_hex(2)}"
-    directory.mkdir()
     ice_servers = json.dumps(lab.turn.ice_servers(user_id=42))
     processes = {}
     for role, home in (("offerer", offerer), ("answerer", answerer)):
@@ -89,8 +89,8 @@ def assert_payload_intact(pair: PairRun) -> None:
     assert pair.answerer["sha256"] == pair.offerer["sha256"], pair.evidence
 
 
-def test_cone_nats_connect_directly_with_server_reflexive_candidates(lab: Lab) -> None:
-    pair = run_peers(lab, lab.homes["cone-1"], lab.homes["cone-2"])
+def test_cone_nats_connect_directly_with_server_reflexive_candidates(lab: Lab, tmp_path: Path) -> None:
+    pair = run_peers(lab, tmp_path, lab.homes["cone-1"], lab.homes["cone-2"])
     assert_payload_intact(pair)
     for result in (pair.offerer, pair.answerer):
         types = {result["selected"]["local"], result["selected"]["remote"]}
@@ -99,9 +99,9 @@ def test_cone_nats_connect_directly_with_server_reflexive_candidates(lab: Lab) -
         assert [attempt["policy"] for attempt in result["attempts"]] == ["all"], pair.evidence
 
 
-def test_symmetric_nats_connect_through_the_turn_relay(lab: Lab) -> None:
+def test_symmetric_nats_connect_through_the_turn_relay(lab: Lab, tmp_path: Path) -> None:
     """Policy all may fail here (notes pitfall 7); the peers then fall back to relay-only on their own."""
-    pair = run_peers(lab, lab.homes["sym-1"], lab.homes["sym-2"])
+    pair = run_peers(lab, tmp_path, lab.homes["sym-1"], lab.homes["sym-2"])
     assert_payload_intact(pair)
     for result in (pair.offerer, pair.answerer):
         assert "relay" in {result["selected"]["local"], result["selected"]["remote"]}, pair.evidence
@@ -110,8 +110,8 @@ def test_symmetric_nats_connect_through_the_turn_relay(lab: Lab) -> None:
         ].startswith(f"{PUB_IP}:"), pair.evidence
 
 
-def test_blocked_udp_fails_in_bounded_time_with_a_clear_error(lab: Lab) -> None:
-    pair = run_peers(lab, lab.homes["blocked"], lab.homes["cone-3"])
+def test_blocked_udp_fails_in_bounded_time_with_a_clear_error(lab: Lab, tmp_path: Path) -> None:
+    pair = run_peers(lab, tmp_path, lab.homes["blocked"], lab.homes["cone-3"])
     assert not pair.offerer["ok"] and not pair.answerer["ok"], pair.evidence
     assert pair.offerer["error"] == UDP_BLOCKED, pair.evidence
     assert pair.offerer["attempts"][0]["gathered"] == ["host"], pair.evidence
