@@ -12,11 +12,12 @@ from starlette.middleware.sessions import SessionMiddleware
 import hivewire_server.dashboard
 from hivewire_server.api import errors
 from hivewire_server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from hivewire_server.api.routes import auth, device, health, join, runs, tokens, wellknown
+from hivewire_server.api.routes import auth, device, health, join, runs, signaling, tokens, wellknown
 from hivewire_server.auth import oidc
 from hivewire_server.core.config import Settings
 from hivewire_server.core.db import create_engine, session_factory
 from hivewire_server.dashboard import routes as pages
+from hivewire_server.signaling.hub import Hub
 
 SESSION_COOKIE = "hivewire_session"  # its own name: the OpenID provider may share the host's cookie jar
 SESSION_MAX_AGE_SECONDS = 14 * 24 * 3600
@@ -30,9 +31,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings.database_url)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
+        app.state.hub = await Hub.start(settings)
         try:
             yield
         finally:
+            await app.state.hub.close()
             await engine.dispose()
 
     app = FastAPI(title="Hivewire", version="0.1.0", lifespan=lifespan)
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device.router,
         runs.router,
         join.router,
+        signaling.router,
         wellknown.router,
     ):
         app.include_router(router)

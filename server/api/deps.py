@@ -14,6 +14,7 @@ from hivewire_server.core.security import API_TOKEN_PREFIX
 from hivewire_server.errors import Unauthenticated
 from hivewire_server.models import User
 from hivewire_server.runs import require_organizer
+from hivewire_server.signaling.hub import Hub
 
 SESSION_USER_KEY = "uid"
 
@@ -27,8 +28,13 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
+def _hub(request: Request) -> Hub:
+    return request.app.state.hub  # type: ignore[no-any-return]
+
+
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+HubDep = Annotated[Hub, Depends(_hub)]
 
 
 async def _optional_user(request: Request, session: SessionDep) -> User | None:

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     peer_live_seconds: int = Field(default=120, ge=5)
     # Redis URL for signaling fan-out between replicas; empty means in-process only.
     redis_url: str = ""
+    # Largest signaling WebSocket message, bytes of UTF-8 text; a larger one closes the connection (1009).
+    signal_max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Signaling messages per second a peer may send on average (token bucket refill); faster closes (4008).
+    signal_messages_per_second: int = Field(default=20, ge=1, le=10_000)
+    # Signaling messages a peer may send at once (token bucket capacity).
+    signal_burst: int = Field(default=100, ge=1, le=100_000)
+    # Seconds between a peer's signaling heartbeats; silence for three of them disconnects it.
+    signal_heartbeat_seconds: int = Field(default=15, ge=1, le=300)
     log_level: str = "INFO"
 
     @field_validator("oidc_providers", mode="before")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from hivewire_server import runs
-from hivewire_server.api.deps import CurrentOrganizer, OptionalUser, SessionDep
+from hivewire_server.api.deps import CurrentOrganizer, HubDep, OptionalUser, SessionDep
 from hivewire_server.schemas import (
     BanRequest,
     MemberPublic,
@@ -61,9 +61,12 @@ async def list_members(slug: str, user: CurrentOrganizer, session: SessionDep) -
 
 
 @router.post("/{slug}/bans", status_code=201)
-async def ban(slug: str, body: BanRequest, user: CurrentOrganizer, session: SessionDep) -> dict[str, int | bool]:
+async def ban(
+    slug: str, body: BanRequest, user: CurrentOrganizer, session: SessionDep, hub: HubDep
+) -> dict[str, int | bool]:
     run = await runs.get_run(session, slug=slug, user=user)
     await runs.set_ban(session, organizer=user, run=run, user_id=body.user_id, banned=True, reason=body.reason)
+    await hub.ban(run.slug, body.user_id)  # closes the user's open signaling connections (4003)
     return {"user_id": body.user_id, "banned": True}
 
 
