@@ -112,16 +112,18 @@ async def connect(args: argparse.Namespace, signal: Signal, result: Result) -> t
             attempt.gathered = sorted(candidate_types(pc.localDescription.sdp))
             logger.info("attempt %d (policy %s): local candidates %s", attempt_number, attempt.policy, attempt.gathered)
             await link.wait_open()
-            return link, pc
         except LinkError as exc:
             attempt.error = str(exc)
-            if not attempt.gathered and pc.localDescription is not None:
-                attempt.gathered = sorted(candidate_types(pc.localDescription.sdp))
-            await link.close()
+        except BaseException:
+            await link.close()  # the counterpart gave up or the overall timeout hit: nothing left to try
+            raise
+        else:
+            return link, pc
+        await link.close()
         logger.warning("attempt %d (policy %s) failed: %s", attempt_number, attempt.policy, attempt.error)
         if relay_only or args.no_fallback or "relay" not in attempt.gathered:
             raise LinkError(explain_ice_failure(set(attempt.gathered), args.ice_servers, relay_only=relay_only))
-        logger.info("falling back to relay-only (shared/notes pitfall 7)")
+        logger.info("falling back to relay-only: policy all failed with a relay candidate (notes pitfall 7)")
         relay_only = True
 
 

@@ -34,8 +34,7 @@ def test_sweep_removes_namespaces_of_dead_runs_only() -> None:
     for name in (stale, live):
         run(["ip", "netns", "add", name])
     try:
-        removed = sweep_stale()
-        assert stale in removed
+        sweep_stale()  # (a concurrent run's sweep may get to the stale one first: check the outcome)
         assert live in list_namespaces()
         assert stale not in list_namespaces()
     finally:
