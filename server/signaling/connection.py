@@ -52,7 +52,7 @@ class Reader:
             message = await self._websocket.receive()
         if message["type"] == "websocket.disconnect":
             return None
-        text = message.get("text")
+        text: str | None = message.get("text")
         if text is None:
             raise Closing(CloseCode.PROTOCOL_ERROR, "binary frames are not part of the protocol; send JSON text")
         if (size := self._limits.size_of(text)) is not None:

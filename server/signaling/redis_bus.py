@@ -112,7 +112,7 @@ class RedisBus:
             return
         key = f"{PRESENCE_PREFIX}{run}"
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, scores)  # type: ignore[arg-type]
+            pipe.zadd(key, scores)
             pipe.expire(key, int(self._ttl) + 1)
             await pipe.execute()
 
