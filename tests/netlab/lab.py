@@ -252,7 +252,6 @@ class Lab:
             "--no-tls",
             "--no-dtls",
             "--no-cli",
-            f"--allowed-peer-ip={PUB_NET}.0-{PUB_NET}.255",
             f"--pidfile={self.workdir / 'turnserver.pid'}",
             f"--log-file={log_path}",
             "--simple-log",
