@@ -219,7 +219,11 @@ class SignalingClient:
         return item
 
     async def send_signal(self, to: str, kind: SignalKind, payload: Any) -> None:
-        """Relay `payload` to peer `to` through the server; waits up to `request_timeout_s` for a connection."""
+        """Relay `payload` to peer `to` through the server; waits up to `request_timeout_s` for a connection.
+
+        At most once, like any WebSocket message: one written just before a drop is noticed is lost, so the
+        link layer retries on its own deadlines.
+        """
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         await self._send(SignalRequest(to=to, kind=kind, payload=payload), deadline)
 
