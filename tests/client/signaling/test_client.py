@@ -8,9 +8,12 @@ import dataclasses
 import random
 import socket
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
 
 from hivewire.errors import Banned
 from hivewire.signaling import (
@@ -263,6 +266,17 @@ async def test_a_certificate_source_refused_by_the_server_stops_the_client(
     with pytest.raises(SignalingRejected, match="cannot get a peer certificate") as info:
         await make_client(banned).start()
     assert info.value.advice == Banned.advice
+
+
+async def test_start_fails_when_the_upgrade_is_refused(make_client: Callable[..., SignalingClient]) -> None:
+    def no_such_run(connection: ServerConnection, request: Request) -> Response:
+        return connection.respond(HTTPStatus.NOT_FOUND, "no such run\n")
+
+    async with serve(lambda ws: ws.close(), LOOPBACK, 0, process_request=no_such_run) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = make_client(Certificates("unused"), url=f"ws://{LOOPBACK}:{port}/api/runs/gone/signal")
+        with pytest.raises(SignalingRejected, match="HTTP 404"):
+            await client.start()
 
 
 async def test_start_gives_up_when_nothing_listens(make_client: Callable[..., SignalingClient]) -> None:

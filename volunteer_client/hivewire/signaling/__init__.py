@@ -1,6 +1,6 @@
 """Signaling: the authenticated WebSocket to the run's server, its messages, and signed offers and answers."""
 
-from hivewire.signaling.client import Backoff, CertificateSource, Incoming, SignalingClient, SignalingSettings
+from hivewire.signaling.client import CertificateSource, Incoming, SignalingClient
 from hivewire.signaling.errors import (
     SignalingAuthError,
     SignalingBanned,
@@ -19,6 +19,7 @@ from hivewire.signaling.messages import (
     decode_server_message,
     encode_client_message,
 )
+from hivewire.signaling.settings import Backoff, SignalingSettings
 from hivewire.signaling.signed import DescriptionVerifier, VerifiedDescription, fingerprints_from_sdp, sign_description
 
 __all__ = [

@@ -35,7 +35,6 @@ from hivewire.signaling.errors import (
     SignalingUnavailable,
 )
 from hivewire.signaling.messages import (
-    MAX_INCOMING_BYTES,
     Auth,
     ClientMessage,
     ErrorMessage,
@@ -50,6 +49,7 @@ from hivewire.signaling.messages import (
     decode_server_message,
     encode_client_message,
 )
+from hivewire.signaling.settings import Backoff, SignalingSettings
 
 __all__ = ["Backoff", "CertificateSource", "Incoming", "SignalingClient", "SignalingSettings"]
 
@@ -72,44 +72,6 @@ FATAL_CLOSE_CODES = {
 # HTTP answers to the upgrade request that no retry can fix (no such run, not allowed).
 FATAL_HTTP_STATUSES = (401, 403, 404)
 _STOPPED: Any = object()
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnection attempts: exponential, capped, partly random."""
-
-    initial_s: float = 0.5  # wait after the first failure
-    max_s: float = 30.0  # the longest wait
-    multiplier: float = 2.0  # growth per consecutive failure
-    jitter: float = 0.5  # share of each wait drawn at random, so peers dropped together come back apart
-
-    def __post_init__(self) -> None:
-        if not (0 < self.initial_s <= self.max_s and self.multiplier >= 1 and 0 <= self.jitter <= 1):
-            raise ValueError(f"need 0 < initial_s <= max_s, multiplier >= 1, 0 <= jitter <= 1; got {self}")
-
-    def delay_s(self, failures: int, rng: random.Random) -> float:
-        """The wait after `failures` consecutive failures (1 for the first)."""
-        base = min(self.max_s, self.initial_s * self.multiplier ** max(0, failures - 1))
-        return base * (1 - self.jitter * rng.random())
-
-
-@dataclass(frozen=True)
-class SignalingSettings:
-    """Timeouts (seconds) and bounds of the signaling client."""
-
-    backoff: Backoff = field(default_factory=Backoff)
-    open_timeout_s: float = 10.0  # TCP, TLS and the WebSocket upgrade
-    auth_timeout_s: float = 10.0  # from sending the certificate to the welcome
-    start_timeout_s: float = 30.0  # start() gives up without a welcome after this
-    request_timeout_s: float = 10.0  # send_signal() waits this long for a connection; request_peers() for its answer
-    close_timeout_s: float = 5.0  # waiting for the server's close frame
-    ping_interval_s: float = 20.0  # WebSocket pings, which detect a connection that died silently
-    ping_timeout_s: float = 20.0  # a ping unanswered this long drops the connection
-    stable_after_s: float = 10.0  # a connection that lived this long resets the backoff
-    heartbeat_share: float = 0.5  # heartbeats every this share of the welcome's heartbeat_seconds
-    rate_share: float = 0.9  # share of the server's rate limit we allow ourselves
-    incoming_queue: int = 1024  # messages waiting for recv(); more are dropped with a warning
-    max_incoming_bytes: int = MAX_INCOMING_BYTES
 
 
 class _TokenBucket:
@@ -267,7 +229,11 @@ class SignalingClient:
                 return
             except ConnectionClosed:
                 # The supervisor notices too and reconnects; try again on the next connection.
-                await connection.lost.wait()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await connection.lost.wait()
+                except TimeoutError as exc:
+                    raise SignalingUnavailable(f"the connection to {self.url} closed while sending") from exc
 
     async def _send_on(self, connection: _Connection, text: str) -> None:
         async with self._send_lock:
@@ -308,9 +274,10 @@ class SignalingClient:
                 return
             except (OSError, TimeoutError, InvalidHandshake, SignalingProtocolError, HivewireError) as exc:
                 welcomed, code, reason = False, None, str(exc) or type(exc).__name__
-                fatal = self._fatal_handshake(exc)
-                if fatal is not None:
-                    self._refused(fatal)
+                if isinstance(exc, InvalidStatus) and exc.response.status_code in FATAL_HTTP_STATUSES:
+                    self._refused(
+                        SignalingRejected(f"{self.url} refused the WebSocket upgrade: {exc}", close_code=None)
+                    )
                     return
             except Exception as exc:
                 logger.exception("signaling client for %s stopped on an unexpected error", self.url)
@@ -332,14 +299,8 @@ class SignalingClient:
                     "signaling: lost %s (close code %s %s); reconnecting in %.1f s", self.url, code, reason, delay
                 )
             else:
-                logger.warning(
-                    "signaling: cannot connect to %s (%s%s); attempt %d, retrying in %.1f s",
-                    self.url,
-                    f"close code {code} " if code else "",
-                    reason,
-                    failures,
-                    delay,
-                )
+                problem = f"close code {code} {reason}" if code else reason
+                logger.warning("signaling: cannot connect to %s (%s); retrying in %.1f s", self.url, problem, delay)
             await asyncio.sleep(delay)
 
     async def _connection(self) -> tuple[bool, int | None, str]:
@@ -469,12 +430,6 @@ class SignalingClient:
             waiter = self._peer_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-
-    def _fatal_handshake(self, exc: Exception) -> SignalingRejected | None:
-        if isinstance(exc, InvalidStatus) and exc.response.status_code in FATAL_HTTP_STATUSES:
-            status = exc.response.status_code
-            return SignalingRejected(f"{self.url} refused the WebSocket upgrade with HTTP {status}", close_code=None)
-        return None
 
     def _refused(self, error: SignalingError) -> None:
         logger.error("signaling: stopped: %s. %s", error, error.advice)
