@@ -36,6 +36,7 @@ HEADER = struct.Struct("<BBBBQI")
 FP16_MAX = 65504.0
 DEFAULT_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 2**24
+_MAX_SCALE = float(np.finfo(np.float32).max) / 127  # a larger scale times 127 would overflow float32
 # dtype code on the wire -> (torch dtype, little-endian numpy dtype)
 _DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
     1: (torch.float32, np.dtype("<f4")),
@@ -191,8 +192,8 @@ class BlockwiseInt8Compression(Codec):
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
         blocks = self._blocks(numel)
         scales = np.frombuffer(body, dtype="<f4", count=blocks)
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise PartRejected(f"int8 part scales must be finite and >= 0; {blocks} block(s) checked")
+        if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # NaN fails both comparisons
+            raise PartRejected(f"int8 part scales must be in 0..{_MAX_SCALE:g} (absmax/127); some of {blocks} are not")
         quantized = np.frombuffer(body, dtype=np.int8, count=numel, offset=4 * blocks)
         values = quantized.astype(np.float32)
         values *= np.repeat(scales.astype(np.float32), self.block_size)[:numel]
