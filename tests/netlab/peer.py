@@ -27,8 +27,8 @@ from typing import Any
 import aioice.stun
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from hivewire.diagnostics import STUN_RETRANSMISSIONS, candidate_types, explain_ice_failure, selected_pair
 from hivewire.mesh import ControlCodec, Link, LinkError, LinkSettings, RecordSchema, build_configuration
-from tests.netlab.diagnose import STUN_RETRANSMISSIONS, candidate_types, explain_ice_failure, selected_pair
 
 logger = logging.getLogger("netlab.peer")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.netlab.diagnose import UDP_BLOCKED, MappingBehaviour
+from hivewire.diagnostics import UDP_BLOCKED, MappingBehaviour
 from tests.netlab.lab import PUB_IP, TURN_ALT_PORT, TURN_PORT, Home, Lab, run
 
 pytestmark = pytest.mark.netlab

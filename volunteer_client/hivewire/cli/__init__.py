@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from hivewire.cli import join, login, logout, runs, whoami
+from hivewire.cli import doctor, join, login, logout, runs, whoami
 from hivewire.cli._common import CliState, friendly_errors, state
 
 __all__ = ["CliState", "app", "main"]
@@ -35,7 +35,7 @@ def _global_options(
     state(ctx).home = home
 
 
-for _module in (login, logout, whoami, runs, join):
+for _module in (login, logout, whoami, runs, join, doctor):
     app.command(_module.__name__.rsplit(".", 1)[1])(friendly_errors(_module.command))
 
 

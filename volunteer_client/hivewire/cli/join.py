@@ -6,17 +6,19 @@ For now it stops after the certificate and prints what the mesh will start from;
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import httpx
 import typer
 
 from hivewire._text import printable
-from hivewire.api import SLUG_PATTERN
+from hivewire.api import SLUG_PATTERN, HivewireAPI, JoinResponse
 from hivewire.cli._common import open_api, resolve
 from hivewire.errors import CertificateError, InvalidRunURL
-from hivewire.identity import CertificateVerifier, load_or_create_identity
+from hivewire.identity import CertificateVerifier, PeerCertificate, PeerIdentity, load_or_create_identity
 
 _RUN_PATH = re.compile(rf"^(?P<prefix>.*)/runs/(?P<slug>{SLUG_PATTERN})/?$")
 
@@ -34,6 +36,32 @@ def parse_run_url(url: str) -> tuple[str, str]:
     return f"{parsed.scheme}://{parsed.host}{port}{match['prefix']}", match["slug"]
 
 
+@dataclass(frozen=True)
+class JoinedRun:
+    """This machine's identity in a run: the join answer and its certificate, verified against each other."""
+
+    identity: PeerIdentity
+    joined: JoinResponse
+    certificate: PeerCertificate
+
+
+def join_run(api: HivewireAPI, key_path: Path, slug: str) -> JoinedRun:
+    """Join `slug` with the peer key at `key_path` (created on first use) and verify the certificate.
+
+    Shared by `join` and `doctor`, so both refuse the same bad answers.
+    """
+    identity = load_or_create_identity(key_path)
+    joined = api.join(slug, identity.peer_key)
+    verifier = CertificateVerifier(api.server_url, http=api.http)
+    certificate = verifier.verify(joined.certificate, run=slug)
+    # The certificate must be for this machine's key, or peers would refuse every connection we make.
+    if certificate.peer_key != identity.public_key_raw or joined.peer_id != identity.peer_id:
+        raise CertificateError("the server certified another peer key than this machine's")
+    if joined.run.slug != slug:
+        raise CertificateError(f"the server answered for run {joined.run.slug!r}, not {slug!r}")
+    return JoinedRun(identity, joined, certificate)
+
+
 def command(
     ctx: typer.Context,
     run_url: Annotated[str, typer.Argument(help="The run's URL, as shown on its page: https://host/runs/<name>")],
@@ -42,15 +70,8 @@ def command(
     server, slug = parse_run_url(run_url)
     config = resolve(ctx, server=server)
     with open_api(ctx, config, signed_in=True) as api:
-        identity = load_or_create_identity(config.key_path)
-        joined = api.join(slug, identity.peer_key)
-        verifier = CertificateVerifier(api.server_url, http=api.http)
-        certificate = verifier.verify(joined.certificate, run=slug)
-    # The certificate must be for this machine's key, or peers would refuse every connection we make.
-    if certificate.peer_key != identity.public_key_raw or joined.peer_id != identity.peer_id:
-        raise CertificateError("the server certified another peer key than this machine's")
-    if joined.run.slug != slug:
-        raise CertificateError(f"the server answered for run {joined.run.slug!r}, not {slug!r}")
+        member = join_run(api, config.key_path, slug)
+    identity, joined, certificate = member.identity, member.joined, member.certificate
 
     minutes = int((certificate.expires_at - datetime.now(UTC)).total_seconds() // 60)
     kinds = sorted({kind for ice in joined.ice_servers for kind in ice.kinds}) or ["none"]

@@ -1,0 +1,259 @@
+"""`hivewire doctor` against the real server (uvicorn on a free loopback port) and a real coturn on loopback.
+
+No packet leaves loopback: coturn listens and relays on 127.0.0.1 (and 127.0.0.2, which coturn needs to
+open its alternate port), the server hands out only those addresses, and host candidates are restricted
+to 127.0.0.1 for the whole module. Proves: host, server-reflexive and relay candidates, the NAT mapping
+check with two STUN ports and its honest "unknown" with one, a TURN allocation refused for a wrong secret
+with advice, and the exit status; plus the advice when not signed in or when the server is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aioice.ice
+import httpx
+import pytest
+import uvicorn
+from typer.testing import CliRunner, Result
+
+from hivewire.cli import CliState, app
+from hivewire.mesh import restrict_host_addresses
+from hivewire_server.main import create_app
+from tests.conftest import RUN, TURN_SECRET, make_settings, new_user
+
+LOOPBACK = "127.0.0.1"
+COTURN_ALT_IP = "127.0.0.2"  # coturn opens its alternate port only with a second listening address
+START_TIMEOUT_S = 10.0  # coturn bound / uvicorn started, normally well under a second
+STOP_TIMEOUT_S = 5.0
+DOCTOR_BUDGET_S = 30.0  # what the doctor promises even when every probe times out
+
+# The doctor restricts host candidates itself with this flag; the module fixture covers the rest.
+LOOPBACK_ONLY = ("--host-address", LOOPBACK)
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # no backend question here
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P + 1 free for UDP and TCP on loopback (coturn's listening and alternate ports)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((LOOPBACK, 0))
+            port = int(probe.getsockname()[1])
+        if port < 65000 and all(_free(port + offset, kind) for offset in (0, 1) for kind in socket.SocketKind):
+            return port
+    raise RuntimeError("no two consecutive free ports on loopback")
+
+
+def _free(port: int, kind: socket.SocketKind) -> bool:
+    if kind not in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        return True
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def _udp_bound(port: int) -> bool:
+    listening = subprocess.run(["ss", "-H", "-u", "-l", "-n"], capture_output=True, text=True, check=True).stdout
+    return f"{LOOPBACK}:{port} " in listening
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loopback_only() -> Iterator[None]:
+    """Host candidates on 127.0.0.1 alone (aioice would gather every other address of this machine)."""
+    restrict_host_addresses([LOOPBACK])
+    assert aioice.ice.get_host_addresses(True, True) == [LOOPBACK]
+    yield
+    restrict_host_addresses(None)
+
+
+@pytest.fixture(scope="module")
+def coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """coturn with the shared-secret scheme the server's TURN credentials use; yields its listening port."""
+    workdir = tmp_path_factory.mktemp("coturn")
+    port = _free_port_pair()
+    argv = [
+        "turnserver",
+        "-n",
+        f"--listening-ip={LOOPBACK}",
+        f"--listening-ip={COTURN_ALT_IP}",
+        f"--relay-ip={LOOPBACK}",
+        f"--listening-port={port}",
+        f"--alt-listening-port={port + 1}",
+        "--min-port=61000",
+        "--max-port=61999",
+        "--use-auth-secret",
+        f"--static-auth-secret={TURN_SECRET}",
+        "--realm=hivewire.test",
+        "--fingerprint",
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        f"--pidfile={workdir / 'turnserver.pid'}",
+        f"--log-file={workdir / 'turnserver.log'}",
+        "--simple-log",
+    ]
+    with (workdir / "turnserver.out").open("wb") as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (_udp_bound(port) and _udp_bound(port + 1)):
+            assert process.poll() is None, (workdir / "turnserver.out").read_text()
+            assert time.monotonic() < deadline, f"coturn did not bind UDP {port} and {port + 1}"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+ServerFactory = Callable[..., str]
+
+
+@pytest.fixture
+def start_server(database_url: str) -> Iterator[ServerFactory]:
+    """Start the real app under uvicorn in a thread with settings overrides; returns its URL."""
+    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(**overrides: object) -> str:
+        with socket.socket() as probe:
+            probe.bind((LOOPBACK, 0))
+            port = int(probe.getsockname()[1])
+        url = f"http://{LOOPBACK}:{port}"
+        settings = make_settings(database_url, public_url=url, **overrides)
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=LOOPBACK, port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, name=f"uvicorn-{port}")
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, f"uvicorn did not start on {url}"
+            time.sleep(0.02)
+        return url
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT_S)
+
+
+def volunteer_in_a_run(url: str, home: Path) -> str:
+    """An organizer creates the run, a volunteer signs in with `hivewire login --token`; returns the run URL."""
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        organizer = new_user(http, "olivia")  # type: ignore[arg-type]  # has the calls new_user makes
+        response = http.post("/api/runs", json=RUN, headers=organizer.headers)
+        assert response.status_code == 201, response.text
+        volunteer = new_user(http, "victor")  # type: ignore[arg-type]
+    result = hivewire(home, "login", url, "--token", volunteer.token)
+    assert result.exit_code == 0, result.output
+    return f"{url}/runs/{RUN['slug']}"
+
+
+def hivewire(home: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, ["--home", str(home), *args], obj=CliState(), env=env)
+
+
+def doctor_json(home: Path, run_url: str) -> tuple[int, dict[str, object]]:
+    started = time.monotonic()
+    result = hivewire(home, "doctor", run_url, "--json", *LOOPBACK_ONLY)
+    assert time.monotonic() - started < DOCTOR_BUDGET_S
+    return result.exit_code, json.loads(result.stdout)
+
+
+def steps(report: dict[str, object]) -> dict[str, dict[str, object]]:
+    return {check["step"]: check for check in report["checks"]}  # type: ignore[attr-defined, index]
+
+
+@SQLITE_ONLY
+def test_doctor_finds_direct_and_relayed_paths(start_server: ServerFactory, coturn: int, tmp_path: Path) -> None:
+    url = start_server(
+        stun_urls=[f"stun:{LOOPBACK}:{coturn}", f"stun:{LOOPBACK}:{coturn + 1}"],
+        turn_urls=[f"turn:{LOOPBACK}:{coturn}?transport=udp"],
+    )
+    run_url = volunteer_in_a_run(url, tmp_path)
+
+    result = hivewire(tmp_path, "doctor", run_url, *LOOPBACK_ONLY)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith(f"✓ 1. Server and join: {url} reachable; joined run Tiny LM demo as p"), result.output
+    assert "ICE servers: 2 STUN, 1 TURN" in lines[1]
+    assert lines[2] == "✓ 2. ICE candidates: gathered host, srflx, relay candidates"
+    assert lines[3].startswith("✓ 3. STUN and NAT mapping: public address 127.0.0.1:"), result.output
+    assert "endpoint-independent mapping" in lines[3]
+    assert lines[4].startswith(f"✓ 4. TURN relay: turn:{LOOPBACK}:{coturn}?transport=udp allocated relay 127.0.0.1:")
+    assert lines[5] == "- 5. Live peer: no live peer to test"
+    assert lines[6] == "✓ This computer can take part: directly, and through the TURN relay where needed."
+    assert "→" not in result.stdout  # no advice when nothing is wrong
+
+    code, report = doctor_json(tmp_path, run_url)
+    assert code == 0
+    assert report["verdict"] == {
+        "can_take_part": True,
+        "code": "direct-and-relay",
+        "summary": "can take part: directly, and through the TURN relay where needed",
+    }
+    found = steps(report)
+    assert [check["status"] for check in found.values()] == ["ok", "ok", "ok", "ok", "skip"]
+    assert found["candidates"]["details"] == {"types": ["host", "srflx", "relay"]}
+    assert found["nat"]["details"]["behaviour"] == "endpoint-independent"  # type: ignore[index]
+
+
+@SQLITE_ONLY
+def test_wrong_turn_secret_fails_turn_with_advice(start_server: ServerFactory, coturn: int, tmp_path: Path) -> None:
+    """One STUN address (the TURN port is the same one): the mapping behaviour is honestly unknown."""
+    url = start_server(
+        stun_urls=[f"stun:{LOOPBACK}:{coturn}"],
+        turn_urls=[f"turn:{LOOPBACK}:{coturn}?transport=udp"],
+        turn_secret="not-the-secret-coturn-was-given",
+    )
+    run_url = volunteer_in_a_run(url, tmp_path)
+
+    result = hivewire(tmp_path, "doctor", run_url, *LOOPBACK_ONLY)
+    assert result.exit_code == 0, result.output  # direct links still work
+    assert "✗ 4. TURN relay: turn:127.0.0.1:" in result.stdout
+    assert "refused the allocation: 401 Unauthorized" in result.stdout
+    assert "→ The TURN server refused the run's credentials: tell the organizer" in result.stdout
+    assert "mapping behaviour unknown (only one STUN address configured" in result.stdout
+
+    code, report = doctor_json(tmp_path, run_url)
+    assert code == 0
+    found = steps(report)
+    assert found["turn"]["status"] == "fail"
+    assert found["turn"]["details"]["error_code"] == 401  # type: ignore[index]
+    assert found["candidates"]["details"] == {"types": ["host", "srflx"]}
+    assert found["nat"]["details"]["behaviour"] == "unknown"  # type: ignore[index]
+    assert report["verdict"]["code"] == "direct"  # type: ignore[index]
+
+
+def test_not_signed_in_gets_the_login_advice(tmp_path: Path) -> None:
+    """Refused before any request: nothing listens at this address, and nothing is sent to it."""
+    result = hivewire(tmp_path, "doctor", f"http://{LOOPBACK}:9/runs/{RUN['slug']}")
+    assert result.exit_code == 1
+    assert "not signed in to http://127.0.0.1:9" in result.stderr
+    assert "Run `hivewire login <server url>` first." in result.stderr
+
+
+def test_unreachable_server_fails_step_one(tmp_path: Path) -> None:
+    """A closed loopback port: step 1 fails with the network advice, and no network check runs."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port = int(probe.getsockname()[1])  # closed again when the block ends: connections are refused
+    token = {"HIVEWIRE_TOKEN": "hw_" + "t" * 43}
+    result = hivewire(tmp_path, "doctor", f"http://{LOOPBACK}:{port}/runs/{RUN['slug']}", "--json", env=token)
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert [check["step"] for check in report["checks"]] == ["server"]
+    assert report["checks"][0]["advice"] == "Check the server URL and your network connection, then try again."
+    assert report["verdict"]["code"] == "server"
