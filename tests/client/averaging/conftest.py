@@ -5,7 +5,8 @@ here sends a packet off loopback.
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from hivewire.averaging.transport import GroupTransport
 ROUND = "round-1"
 FAST = ButterflySettings(reduce_timeout_s=1.0, gather_timeout_s=1.0)
 
-Behaviour = Callable[[str, GroupTransport], Awaitable[None]]
+Behaviour = Callable[[str, GroupTransport], Coroutine[Any, Any, None]]
 
 
 def tensors(members: Sequence[str], numel: int, seed: int = 0) -> dict[str, torch.Tensor]:

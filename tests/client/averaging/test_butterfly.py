@@ -8,12 +8,9 @@ import pytest
 import torch
 
 from hivewire.averaging import (
-    BAD_MESSAGE,
-    CONNECTION_LOST,
-    MISSED_GATHER_DEADLINE,
-    MISSED_REDUCE_DEADLINE,
     BlockwiseInt8Compression,
     ButterflySettings,
+    Cause,
     Float16Compression,
     InProcessHub,
     NoCompression,
@@ -126,7 +123,7 @@ async def test_member_dead_from_the_start_is_excluded_at_once_and_a_retry_withou
     results = await run_group(values, WEIGHTS, settings=settings, behaviours={"c": dies}, hub=hub)
     _survivor_check(results, values, ("a", "b"))
     for _, report in results.values():
-        assert report.excluded["c"].cause == CONNECTION_LOST
+        assert report.excluded["c"].cause == Cause.CONNECTION_LOST
         assert report.kept_local == ("c",)
         assert report.averaged_fraction == pytest.approx(2 / 3, abs=1e-4)
         assert report.duration_s < 1.0  # a closed link is noticed, not waited out
@@ -156,14 +153,20 @@ async def test_member_killed_mid_round_leaves_the_others_a_correct_round_within_
 
     async def killed_after_parts(name: str, transport: GroupTransport) -> None:
         await butterfly_allreduce(
-            values[name], me=name, throughputs=dict.fromkeys(MEMBERS, 1.0), weight=WEIGHTS[name],
-            round_id=ROUND, transport=_DiesBeforeResults(hub, name), codec=NoCompression(), settings=FAST,
-        )  # fmt: skip
+            values[name],
+            me=name,
+            throughputs=dict.fromkeys(MEMBERS, 1.0),
+            weight=WEIGHTS[name],
+            round_id=ROUND,
+            transport=_DiesBeforeResults(hub, name),
+            codec=NoCompression(),
+            settings=FAST,
+        )
 
     results = await run_group(values, WEIGHTS, behaviours={"c": killed_after_parts}, hub=hub)
     _survivor_check(results, values, MEMBERS)  # its parts arrived before it died, so they count
     for _, report in results.values():
-        assert report.excluded["c"].cause == CONNECTION_LOST
+        assert report.excluded["c"].cause == Cause.CONNECTION_LOST
         assert report.contributors["a"] == MEMBERS
         assert report.duration_s < FAST.reduce_timeout_s + FAST.gather_timeout_s
 
@@ -180,7 +183,7 @@ async def test_stalled_member_is_waited_for_until_the_deadlines_only() -> None:
     for member, (result, report) in results.items():
         assert torch.equal(result[shard("a", 3000)], expected[shard("a", 3000)])
         assert torch.equal(result[shard("c", 3000)], values[member][shard("c", 3000)])
-        assert report.excluded["c"].cause == MISSED_REDUCE_DEADLINE
+        assert report.excluded["c"].cause == Cause.MISSED_REDUCE_DEADLINE
         assert "reduce_timeout_s=0.3" in report.excluded["c"].detail
         assert report.kept_local == ("c",)
         assert 0.55 < report.duration_s < 0.6 + 0.5
@@ -243,7 +246,7 @@ async def test_member_sending_garbage_is_excluded_and_the_round_completes_for_th
     for member, (result, report) in results.items():
         assert torch.equal(result[shard("b", 3000)], expected[shard("b", 3000)]), member
         exclusion = report.excluded["c"]
-        assert exclusion.cause == BAD_MESSAGE
+        assert exclusion.cause == Cause.BAD_MESSAGE
         assert GARBAGE[kind] in exclusion.detail
         assert report.contributors[member] == ("a", "b")
         assert report.kept_local == ("c",)
@@ -270,7 +273,7 @@ async def test_hostile_result_is_refused_and_that_shard_kept_local() -> None:
     for member, (result, report) in results.items():
         assert torch.equal(result[shard("a", 3000)], expected[shard("a", 3000)])  # its part was sound and used
         assert torch.equal(result[shard("c", 3000)], values[member][shard("c", 3000)])
-        assert report.excluded["c"].cause == BAD_MESSAGE and "non-finite" in report.excluded["c"].detail
+        assert report.excluded["c"].cause == Cause.BAD_MESSAGE and "non-finite" in report.excluded["c"].detail
 
 
 async def test_message_of_another_round_is_dropped_without_excluding_its_sender() -> None:
@@ -293,7 +296,7 @@ async def test_late_result_after_gather_deadline_is_reported() -> None:
 
     results = await run_group(values, WEIGHTS, settings=settings, behaviours={"b": sends_part_only})
     result, report = results["a"]
-    assert report.excluded["b"].cause == MISSED_GATHER_DEADLINE
+    assert report.excluded["b"].cause == Cause.MISSED_GATHER_DEADLINE
     assert report.contributors == {"a": ("a", "b")}
     assert torch.equal(result[50:], values["a"][50:])
 
@@ -310,15 +313,24 @@ async def test_single_member_group_and_shapes() -> None:
 
 async def test_bad_local_input_is_refused_before_anything_is_sent() -> None:
     hub = InProcessHub(MEMBERS)
-    common = {"throughputs": dict.fromkeys(MEMBERS, 1.0), "round_id": ROUND, "codec": NoCompression()}
-    with pytest.raises(ValueError, match="NaN or Inf"):
+
+    async def average(tensor: torch.Tensor, me: str = "a", weight: float = 1.0) -> None:
         await butterfly_allreduce(
-            torch.tensor([1.0, math.nan]), me="a", weight=1.0, transport=hub.transport("a"), **common
+            tensor,
+            me=me,
+            throughputs=dict.fromkeys(MEMBERS, 1.0),
+            weight=weight,
+            round_id=ROUND,
+            transport=hub.transport("a"),
+            codec=NoCompression(),
         )
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        await average(torch.tensor([1.0, math.nan]))
     with pytest.raises(ValueError, match="not in the group"):
-        await butterfly_allreduce(torch.ones(2), me="z", weight=1.0, transport=hub.transport("a"), **common)
+        await average(torch.ones(2), me="z")
     with pytest.raises(ValueError, match="weight must be finite"):
-        await butterfly_allreduce(torch.ones(2), me="a", weight=-1.0, transport=hub.transport("a"), **common)
+        await average(torch.ones(2), weight=-1.0)
     with pytest.raises(ValueError, match="must be > 0"):
         ButterflySettings(reduce_timeout_s=0)
     with pytest.raises(PeerUnreachable, match="not a member"):

@@ -104,20 +104,20 @@ def _nan_part(codec: Codec) -> bytes:
 def test_decode_refuses_what_was_not_expected(codec: Codec) -> None:
     good = codec.encode(torch.ones(10))
     other = Float16Compression() if codec.name != "fp16" else NoCompression()
-    cases = {
-        "shorter than": good[:5],
-        "must be": good[:-1],
-        "must be ": good + b"\0",
-        "must hold 11 elements": (good, 11),
-        "dtype must be torch.float64": (good, 10, torch.float64),
-        "codec must be": other.encode(torch.ones(10)),
-        "version must be": bytes([9]) + good[1:],
-        "reserved byte": good[:3] + b"\1" + good[4:],
-        "non-finite|scales must be in": _nan_part(codec),
-    }
-    for expected_error, case in cases.items():
-        data, numel, dtype = (case, 10, torch.float32) if isinstance(case, bytes) else (*case, torch.float32)[:3]
-        with pytest.raises(PartRejected, match=expected_error.strip()):
+    f32 = torch.float32
+    cases: list[tuple[str, bytes, int, torch.dtype]] = [
+        ("shorter than", good[:5], 10, f32),
+        ("must be", good[:-1], 10, f32),
+        ("must be", good + b"\0", 10, f32),
+        ("must hold 11 elements", good, 11, f32),
+        ("dtype must be torch.float64", good, 10, torch.float64),
+        ("codec must be", other.encode(torch.ones(10)), 10, f32),
+        ("version must be", bytes([9]) + good[1:], 10, f32),
+        ("reserved byte", good[:3] + b"\1" + good[4:], 10, f32),
+        ("non-finite|scales must be in", _nan_part(codec), 10, f32),
+    ]
+    for expected_error, data, numel, dtype in cases:
+        with pytest.raises(PartRejected, match=expected_error):
             codec.decode(data, expected_numel=numel, expected_dtype=dtype)
 
 

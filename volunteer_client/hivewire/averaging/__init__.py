@@ -1,11 +1,8 @@
 """Averaging inside a group: throughput-proportional partition, compression, fault-tolerant butterfly all-reduce."""
 
 from hivewire.averaging.butterfly import (
-    BAD_MESSAGE,
-    CONNECTION_LOST,
-    MISSED_GATHER_DEADLINE,
-    MISSED_REDUCE_DEADLINE,
     ButterflySettings,
+    Cause,
     Exclusion,
     RoundReport,
     butterfly_allreduce,
@@ -22,13 +19,10 @@ from hivewire.averaging.partition import Partition, plan_partition
 from hivewire.averaging.transport import GroupTransport, InProcessHub, InProcessTransport, LinkGroupTransport
 
 __all__ = [
-    "BAD_MESSAGE",
-    "CONNECTION_LOST",
-    "MISSED_GATHER_DEADLINE",
-    "MISSED_REDUCE_DEADLINE",
     "AveragingError",
     "BlockwiseInt8Compression",
     "ButterflySettings",
+    "Cause",
     "Codec",
     "Exclusion",
     "Float16Compression",

@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -41,15 +42,21 @@ from hivewire.averaging.transport import GroupTransport
 
 logger = logging.getLogger(__name__)
 
-BAD_MESSAGE = "bad_message"
-CONNECTION_LOST = "connection_lost"
-MISSED_REDUCE_DEADLINE = "missed_reduce_deadline"
-MISSED_GATHER_DEADLINE = "missed_gather_deadline"
+
+class Cause(StrEnum):
+    """Why a member was excluded (its value is what reports and logs carry)."""
+
+    BAD_MESSAGE = "bad_message"
+    CONNECTION_LOST = "connection_lost"
+    MISSED_REDUCE_DEADLINE = "missed_reduce_deadline"
+    MISSED_GATHER_DEADLINE = "missed_gather_deadline"
+
+
 _ADVICE = {
-    BAD_MESSAGE: "an outdated or hostile client; if it repeats, the organizer can ban its account",
-    CONNECTION_LOST: "its link closed; the mesh replaces dead links",
-    MISSED_REDUCE_DEADLINE: "slow or stalled; raise reduce_timeout_s if its links are merely slow",
-    MISSED_GATHER_DEADLINE: "slow or stalled; raise gather_timeout_s if its links are merely slow",
+    Cause.BAD_MESSAGE: "an outdated or hostile client; if it repeats, the organizer can ban its account",
+    Cause.CONNECTION_LOST: "its link closed; the mesh replaces dead links",
+    Cause.MISSED_REDUCE_DEADLINE: "slow or stalled; raise reduce_timeout_s if its links are merely slow",
+    Cause.MISSED_GATHER_DEADLINE: "slow or stalled; raise gather_timeout_s if its links are merely slow",
 }
 
 
@@ -71,7 +78,7 @@ class Exclusion:
     """Why a member's values are missing from this member's view of the round."""
 
     peer: str
-    cause: str  # one of BAD_MESSAGE, CONNECTION_LOST, MISSED_REDUCE_DEADLINE, MISSED_GATHER_DEADLINE
+    cause: Cause
     detail: str
 
 
@@ -198,7 +205,7 @@ class _Round:
         try:
             await self.transport.send(peer, data)
         except PeerUnreachable as exc:
-            self._cut(peer, CONNECTION_LOST, f"send failed: {exc}")
+            self._cut(peer, Cause.CONNECTION_LOST, f"send failed: {exc}")
             return
         self.bytes_sent += len(data)
         self.changed.set()
@@ -211,13 +218,13 @@ class _Round:
             except TimeoutError:
                 return
             except PeerUnreachable as exc:
-                self._cut(peer, CONNECTION_LOST, str(exc))
+                self._cut(peer, Cause.CONNECTION_LOST, str(exc))
                 return
             self.bytes_received += len(data)
             try:
                 self._accept(peer, data)
             except PartRejected as exc:
-                self._cut(peer, BAD_MESSAGE, str(exc))
+                self._cut(peer, Cause.BAD_MESSAGE, str(exc))
                 return
             self.changed.set()
 
@@ -268,7 +275,7 @@ class _Round:
         for peer in self.others:
             if peer not in self.parts:
                 detail = f"no PART within reduce_timeout_s={self.settings.reduce_timeout_s}"
-                self._exclude(peer, MISSED_REDUCE_DEADLINE, detail)
+                self._exclude(peer, Cause.MISSED_REDUCE_DEADLINE, detail)
         order = [member for member in self.partition.members if member in self.parts]
         weights = [self.parts[member][0] for member in order]
         total = sum(weights)
@@ -305,15 +312,15 @@ class _Round:
         except TimeoutError:
             return
 
-    def _cut(self, peer: str, cause: str, detail: str) -> None:
+    def _cut(self, peer: str, cause: Cause, detail: str) -> None:
         """Stop talking to ``peer``; drop its part unless it was sound and only the link failed."""
         self.cut.add(peer)
-        if cause == BAD_MESSAGE and not self.reduced:
+        if cause is Cause.BAD_MESSAGE and not self.reduced:
             self.parts.pop(peer, None)
         self._exclude(peer, cause, detail)
         self.changed.set()
 
-    def _exclude(self, peer: str, cause: str, detail: str) -> None:
+    def _exclude(self, peer: str, cause: Cause, detail: str) -> None:
         if peer in self.excluded:
             return
         self.excluded[peer] = Exclusion(peer, cause, detail)
@@ -331,7 +338,7 @@ class _Round:
         kept_local = tuple(peer for peer in self.reducers if peer not in self.results)
         for peer in kept_local:
             detail = "no RESULT within reduce_timeout_s + gather_timeout_s; kept local values for its shard"
-            self._exclude(peer, MISSED_GATHER_DEADLINE, detail)
+            self._exclude(peer, Cause.MISSED_GATHER_DEADLINE, detail)
         out = self.flat.clone()
         members = self.partition.members
         contributors: dict[str, tuple[str, ...]] = {}

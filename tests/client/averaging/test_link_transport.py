@@ -1,0 +1,114 @@
+"""The butterfly over real aiortc Links: three members, three link pairs, all on 127.0.0.1.
+
+Host candidates are restricted to loopback for this module, and every SDP is checked to carry only
+127.0.0.1 candidates before the other side sees it: nothing leaves the machine.
+"""
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import torch
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from hivewire.averaging import (
+    BlockwiseInt8Compression,
+    ButterflySettings,
+    Cause,
+    Codec,
+    LinkGroupTransport,
+    NoCompression,
+    PeerUnreachable,
+    RoundReport,
+    butterfly_allreduce,
+)
+from hivewire.mesh import Link, build_configuration, restrict_host_addresses
+from tests.client.averaging.conftest import tensors, weighted_mean
+
+LOOPBACK = "127.0.0.1"
+MEMBERS = ("a", "b", "c")
+WEIGHTS = {"a": 3.0, "b": 1.0, "c": 2.0}
+_CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ", re.MULTILINE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loopback_only() -> Iterator[None]:
+    restrict_host_addresses([LOOPBACK])
+    yield
+    restrict_host_addresses(None)
+
+
+def _loopback_sdp(description: RTCSessionDescription | None) -> RTCSessionDescription:
+    assert description is not None
+    assert set(_CANDIDATE.findall(description.sdp)) == {LOOPBACK}, "non-loopback candidate in SDP"
+    return description
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[dict[str, dict[str, Link]]]:
+    """``mesh[x][y]`` is x's open Link to y, for every pair of the three members."""
+    links: dict[str, dict[str, Link]] = {member: {} for member in MEMBERS}
+    for i, offerer in enumerate(MEMBERS):
+        for answerer in MEMBERS[i + 1 :]:
+            pc_offer, pc_answer = RTCPeerConnection(build_configuration([])), RTCPeerConnection(build_configuration([]))
+            links[offerer][answerer] = Link(pc_offer, peer=answerer)
+            links[answerer][offerer] = Link(pc_answer, peer=offerer)
+            await pc_offer.setLocalDescription(await pc_offer.createOffer())
+            await pc_answer.setRemoteDescription(_loopback_sdp(pc_offer.localDescription))
+            await pc_answer.setLocalDescription(await pc_answer.createAnswer())
+            await pc_offer.setRemoteDescription(_loopback_sdp(pc_answer.localDescription))
+    await asyncio.gather(*(link.wait_open() for peers in links.values() for link in peers.values()))
+    yield links
+    for peers in links.values():
+        for link in peers.values():
+            await link.close()
+
+
+async def _round(
+    mesh: dict[str, dict[str, Link]], values: dict[str, torch.Tensor], members: tuple[str, ...], codec: Codec
+) -> dict[str, tuple[torch.Tensor, RoundReport]]:
+    settings = ButterflySettings(reduce_timeout_s=10.0, gather_timeout_s=10.0)
+    rounds = [
+        butterfly_allreduce(
+            values[member],
+            me=member,
+            throughputs={"a": 2.0, "b": 1.0, "c": 1.0},
+            weight=WEIGHTS[member],
+            round_id="link-round",
+            transport=LinkGroupTransport(mesh[member]),
+            codec=codec,
+            settings=settings,
+        )
+        for member in members
+    ]
+    return dict(zip(members, await asyncio.gather(*rounds), strict=True))
+
+
+async def test_three_members_over_links_get_the_exact_weighted_mean(mesh: dict[str, dict[str, Link]]) -> None:
+    values = tensors(MEMBERS, 300_001)  # parts of 0.6 to 1.2 MB: several frames each
+    results = await _round(mesh, values, MEMBERS, NoCompression())
+    expected = weighted_mean(values, WEIGHTS)
+    for result, report in results.values():
+        assert torch.equal(result, expected)
+        assert report.excluded == {}
+    compressed = await _round(mesh, values, MEMBERS, BlockwiseInt8Compression())  # the same links, a second round
+    assert torch.equal(compressed["a"][0], compressed["c"][0])
+    assert (compressed["a"][0] - expected).abs().max() < 0.1
+
+
+async def test_member_whose_links_close_is_excluded_and_the_others_finish(mesh: dict[str, dict[str, Link]]) -> None:
+    values = tensors(MEMBERS, 30_000)
+    await asyncio.gather(*(link.close() for link in mesh["c"].values()))
+    results = await _round(mesh, values, ("a", "b"), NoCompression())
+    survivors = weighted_mean({member: values[member] for member in ("a", "b")}, WEIGHTS)
+    for member, (result, report) in results.items():
+        assert report.excluded["c"].cause == Cause.CONNECTION_LOST
+        assert report.kept_local == ("c",)
+        assert torch.equal(result[:15_000], survivors[:15_000])  # a's shard (throughput 2 of 4)
+        assert torch.equal(result[22_500:], values[member][22_500:])  # c's shard, kept local
+
+
+async def test_unknown_member_is_unreachable(mesh: dict[str, dict[str, Link]]) -> None:
+    with pytest.raises(PeerUnreachable, match="no link to group member z"):
+        await LinkGroupTransport(mesh["a"]).send("z", b"x")
