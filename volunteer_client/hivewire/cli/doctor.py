@@ -207,6 +207,7 @@ async def check_nat(ice_servers: list[dict[str, Any]]) -> Check:
     if not endpoints:
         return Check("nat", title, Status.SKIP, "no STUN server configured: NAT behaviour unknown")
     shown = [f"{host}:{port}" for host, port in endpoints]
+    unknown_because = "only one STUN address configured"
     try:
         async with asyncio.timeout(STUN_TIMEOUT_S):
             try:
@@ -216,7 +217,7 @@ async def check_nat(ice_servers: list[dict[str, Any]]) -> Check:
                     raise
                 # Was it the second destination that stayed silent? Then the first still tells our address.
                 mapped = await stun_mapped_addresses(endpoints[:1], retransmissions=STUN_RECHECK_RETRANSMISSIONS)
-                shown = shown[:1]
+                unknown_because = f"the second STUN address {shown.pop()} did not answer"
     except (TransactionTimeout, TimeoutError, OSError):
         port = endpoints[0][1]
         return Check(
@@ -233,7 +234,7 @@ async def check_nat(ice_servers: list[dict[str, Any]]) -> Check:
         details["behaviour"] = "unknown"
         summary = (
             f"STUN {shown[0]} answered, public address {public}; mapping behaviour unknown "
-            "(only one STUN address configured, two are needed to compare)"
+            f"({unknown_because}, two answers are needed to compare)"
         )
         return Check("nat", title, Status.OK, summary, details=details)
     behaviour = mapping_behaviour(mapped)
@@ -318,6 +319,10 @@ def decide(checks: list[Check]) -> Verdict:
     relay = by_step["turn"].status is Status.OK or "relay" in types
     if direct and relay:
         return Verdict(True, "direct-and-relay", "can take part: directly, and through the TURN relay where needed")
+    if direct and by_step["nat"].details.get("behaviour") == MappingBehaviour.ENDPOINT_DEPENDENT:
+        return Verdict(
+            True, "direct", "can take part directly only with peers behind open or cone NATs (yours is symmetric)"
+        )
     if direct:
         return Verdict(
             True,
