@@ -48,8 +48,9 @@ def _load(entry_point: metadata.EntryPoint) -> Recipe:
     """Import one entry point and check that it gives a recipe of the name it is registered under."""
     source = _source(entry_point)
     try:
-        loaded = entry_point.load()
-        recipe = loaded if isinstance(loaded, Recipe) else loaded()
+        recipe = entry_point.load()
+        if isinstance(recipe, type) or (callable(recipe) and not isinstance(recipe, Recipe)):
+            recipe = recipe()  # a class or factory (a class passes the protocol check, so test for it first)
     except Exception as error:
         raise InvalidRecipe(f"{source} provides recipe {entry_point.name!r} but loading it failed: {error}") from error
     if not isinstance(recipe, Recipe) or recipe.name != entry_point.name:
