@@ -246,6 +246,14 @@ def test_not_signed_in_gets_the_login_advice(tmp_path: Path) -> None:
     assert "Run `hivewire login <server url>` first." in result.stderr
 
 
+def test_empty_host_address_is_a_config_error(tmp_path: Path) -> None:
+    token = {"HIVEWIRE_TOKEN": "hw_" + "t" * 43}
+    result = hivewire(tmp_path, "doctor", f"http://{LOOPBACK}:9/runs/{RUN['slug']}", "--host-address", "", env=token)
+    assert result.exit_code == 1
+    assert "Error: --host-address: host addresses: expected IP addresses or interface names, got ''" in result.stderr
+    assert "Fix the value named above" in result.stderr
+
+
 def test_unreachable_server_fails_step_one(tmp_path: Path) -> None:
     """A closed loopback port: step 1 fails with the network advice, and no network check runs."""
     with socket.socket() as probe:

@@ -39,8 +39,8 @@ from hivewire.diagnostics import (
     turn_allocation,
     turn_servers,
 )
-from hivewire.errors import HivewireError
-from hivewire.mesh import restrict_host_addresses
+from hivewire.errors import ConfigError, HivewireError
+from hivewire.mesh import IceConfigError, restrict_host_addresses
 
 # Bounds per stage, in seconds; the probes inside them give up on their own first (aioice: 5 s per server
 # query while gathering; STUN_RETRANSMISSIONS: 7.5 s per STUN or TURN transaction).
@@ -111,7 +111,10 @@ def command(
     server, slug = parse_run_url(run_url)
     config = resolve(ctx, server=server)
     if host_address:
-        restrict_host_addresses(host_address)
+        try:
+            restrict_host_addresses(host_address)
+        except IceConfigError as exc:
+            raise ConfigError(f"--host-address: {exc}") from exc
     checks: list[Check] = []
     member: JoinedRun | None = None
     with open_api(ctx, config, signed_in=True) as api:  # not signed in: the standard advice, exit 1
