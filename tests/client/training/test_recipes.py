@@ -64,6 +64,8 @@ def custom_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
                 name = "custom-spiral"
                 version = "2.0"
                 arms: int = 3
+
+            NOT_A_RECIPE = 42
             """
         )
     )
@@ -71,7 +73,11 @@ def custom_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: hw-custom-recipe\nVersion: 2.0\n")
     (dist_info / "entry_points.txt").write_text(
-        "[hivewire.recipes]\ncustom-spiral = hw_custom_recipe:Spiral3\nbroken = hw_custom_recipe:missing\n"
+        "[hivewire.recipes]\n"
+        "custom-spiral = hw_custom_recipe:Spiral3\n"
+        "broken = hw_custom_recipe:missing\n"
+        "not-a-recipe = hw_custom_recipe:NOT_A_RECIPE\n"
+        "misnamed = hw_custom_recipe:Spiral3\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
 
@@ -90,9 +96,17 @@ def test_an_entry_point_recipe_is_found_and_its_distribution_logged(caplog: pyte
 
 
 @pytest.mark.usefixtures("custom_distribution")
-def test_an_entry_point_that_does_not_load_is_named() -> None:
-    with pytest.raises(InvalidRecipe, match=r"hw-custom-recipe 2\.0 provides recipe 'broken'"):
-        resolve("broken", "1")
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("broken", r"hw-custom-recipe 2\.0 provides recipe 'broken' but loading it failed"),
+        ("not-a-recipe", r"hw-custom-recipe 2\.0 registers recipe 'not-a-recipe' .* not a recipe of that name"),
+        ("misnamed", r"registers recipe 'misnamed' as hw_custom_recipe:Spiral3, which is not a recipe of that name"),
+    ],
+)
+def test_an_entry_point_that_does_not_give_its_recipe_is_named(name: str, message: str) -> None:
+    with pytest.raises(InvalidRecipe, match=message):
+        resolve(name, "1")
 
 
 def test_the_shipped_corpus_is_the_generators_output() -> None:

@@ -46,7 +46,7 @@ class Dedloc(Strategy):
 
     def _after_average(self, averaged: list[torch.Tensor]) -> None:
         for parameter, gradient in zip(self.parameters, averaged, strict=True):
-            parameter.grad = gradient.clone()
+            parameter.grad = gradient.to(parameter.device, copy=True)  # the network may hand back CPU tensors
         if self.config.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
         self.optimizer.step()

@@ -74,7 +74,7 @@ class Diloco(Strategy):
 
     def _after_average(self, averaged: list[torch.Tensor]) -> None:
         for anchor, pseudo_gradient in zip(self.anchor, averaged, strict=True):
-            anchor.grad = pseudo_gradient.clone()
+            anchor.grad = pseudo_gradient.to(anchor.device, copy=True)  # the network may hand back CPU tensors
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
         self._reset_to_anchor()

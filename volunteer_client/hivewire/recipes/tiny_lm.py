@@ -1,7 +1,8 @@
 """`tiny-lm` v1: a byte-level decoder-only transformer (nanoGPT's shape, shrunk) on the bundled corpus.
 
-Sized to show learning on two CPU cores within a minute or two: 2 layers, width 64, 4 heads, context 64,
-~110k parameters; the loss falls from ln 256 ≈ 5.5 towards ~1 nat per byte on the generated corpus.
+Sized to show learning on two CPU cores within a minute: 2 layers, width 64, 4 heads, context 64, 120,576
+parameters; with batches of 32 the loss falls from ln 256 ≈ 5.5 to ~2.7 nats per byte in 50 steps and below
+1 in 300 (measured: ~45 s on two busy cores).
 No dropout: every peer must compute the same function from the same parameters.
 """
 
