@@ -1,0 +1,213 @@
+"""Peers of one run meshing through the real server (a uvicorn process on loopback, SQLite), and back.
+
+No packet may leave loopback: host candidates are restricted to 127.0.0.1 for the whole session, and the
+ICE server list is ``[]`` (the server is started without STUN or TURN, and the mesh gets ``[]`` anyway).
+Each peer has its own user and API token, joins over HTTP for a real certificate, and runs a Mesh with
+the real SignalingClient and DescriptionVerifier.
+"""
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aioice.ice
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from hivewire.api import HivewireAPI, JoinResponse
+from hivewire.identity import CertificateVerifier, PeerIdentity
+from hivewire.mesh import LinkSettings, restrict_host_addresses
+from hivewire.mesh.manager import Mesh, MeshSettings
+from hivewire.mesh.neighbours import Backoff
+from hivewire.signaling import DescriptionVerifier, SignalingClient, SignalingSettings
+from hivewire.signaling import client as signaling_client
+from tests.conftest import RUN, Account, new_user
+
+LOOPBACK = "127.0.0.1"
+SERVER_START_TIMEOUT_S = 20.0  # a server that does not answer /healthz by then failed to start
+SERVER_STOP_TIMEOUT_S = 10.0  # then it is killed
+WAIT_TIMEOUT_S = 20.0  # bound on every wait for the mesh to reach a state; it normally takes a second or two
+SESSION_SECRET = "mesh-e2e-session-secret-0123456789abcdef"
+
+TEST_MESH = MeshSettings(
+    answer_timeout_s=10.0,
+    maintain_interval_s=0.5,
+    gossip_interval_s=1.0,
+    backoff=Backoff(base_s=0.3, max_s=2.0),
+    link=LinkSettings(open_timeout_s=10.0),
+)
+TEST_SIGNALING = SignalingSettings(
+    backoff=signaling_client.Backoff(initial_s=0.2, max_s=1.0), request_timeout_s=5.0, start_timeout_s=10.0
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _loopback_only() -> Iterator[None]:
+    """Gather host candidates on 127.0.0.1 alone (aioice would otherwise use every other address)."""
+    restrict_host_addresses([LOOPBACK])
+    assert aioice.ice.get_host_addresses(True, True) == [LOOPBACK]
+    yield
+    restrict_host_addresses(None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """The real server in its own process; stop() and start() again keep the port and the database."""
+
+    def __init__(self, database: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self._log = log
+        self._env = {
+            **os.environ,
+            "DATABASE_URL": f"sqlite:///{database}",
+            "PUBLIC_URL": self.url,
+            "SESSION_SECRET": SESSION_SECRET,
+            "STUN_URLS": "",
+            "TURN_URLS": "",
+        }
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "hivewire_server.cli", "serve", "--no-migrate", "--port", str(self.port)]
+        with self._log.open("ab") as log:
+            self._process = subprocess.Popen(command, env=self._env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline and self._process.poll() is None:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"server {self.url} did not start (exit {self._process.poll()}):\n{self._log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """Terminate (the server closes signaling sockets with 1001), kill if it lingers."""
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+
+@pytest.fixture
+def server(sqlite_template: Path, tmp_path: Path) -> Iterator[Server]:
+    database = tmp_path / "hivewire.db"
+    shutil.copy(sqlite_template, database)
+    running = Server(database, tmp_path / "server.log")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+def organizer(http: httpx.Client) -> Account:
+    """The first user (an organizer), who creates the run."""
+    user = new_user(http, "olivia")  # type: ignore[arg-type]  # httpx.Client has the TestClient calls used
+    response = http.post("/api/runs", json=RUN, headers=user.headers)
+    assert response.status_code == 201, response.text
+    return user
+
+
+@dataclass
+class Peer:
+    """One volunteer: key, join response, and its mesh."""
+
+    name: str
+    identity: PeerIdentity
+    joined: JoinResponse
+    mesh: Mesh
+
+    @property
+    def id(self) -> str:
+        return self.identity.peer_id
+
+
+def new_identity() -> PeerIdentity:
+    key = Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PeerIdentity(private_key=key, public_key_raw=raw)
+
+
+def join(server: Server, user: Account, identity: PeerIdentity, slug: str = RUN["slug"]) -> JoinResponse:
+    with HivewireAPI(server.url, user.token) as api:
+        return api.join(slug, identity.peer_key)
+
+
+@pytest.fixture
+async def spawn(
+    server: Server, http: httpx.Client, organizer: Account
+) -> AsyncIterator[Callable[[str], Awaitable[Peer]]]:
+    """Factory: a new user joins the run with a new key and starts a mesh; all are closed at teardown."""
+    peers: list[Peer] = []
+    verifiers: list[CertificateVerifier] = []
+
+    async def make(name: str) -> Peer:
+        user = new_user(http, name)  # type: ignore[arg-type]
+        identity = new_identity()
+        joined = join(server, user, identity)
+        assert joined.ice_servers == [], "the test server must hand out no STUN/TURN: nothing may leave loopback"
+        certificates = CertificateVerifier(server.url)
+        verifiers.append(certificates)
+        mesh = Mesh(
+            identity,
+            lambda: joined.certificate,
+            DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
+            ice_servers=[],
+            signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate, settings=TEST_SIGNALING),
+            settings=TEST_MESH,
+        )
+        peer = Peer(name, identity, joined, mesh)
+        peers.append(peer)
+        await mesh.start(joined.initial_peers)
+        return peer
+
+    yield make
+    await asyncio.gather(*(peer.mesh.close() for peer in peers))
+    for verifier in verifiers:
+        verifier.close()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_full_mesh(peers: list[Peer]) -> None:
+    for peer in peers:
+        others = {other.id for other in peers if other is not peer}
+        await wait_until(
+            lambda peer=peer, others=others: others <= set(peer.mesh.neighbours),  # type: ignore[misc]
+            f"{peer.name} to link to every other peer",
+        )
