@@ -25,18 +25,15 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import RTCPeerConnection, RTCSessionDescription
-
 from hivewire.identity import PeerIdentity
-from hivewire.mesh.control import ControlCodec
 from hivewire.mesh.errors import LinkError, MeshError
-from hivewire.mesh.ice import build_configuration
 from hivewire.mesh.link import Link, LinkSettings
+from hivewire.mesh.negotiation import Attempt, Negotiator, Superseded
 from hivewire.mesh.neighbours import Backoff, NeighbourTable, our_offer_wins
 from hivewire.mesh.paths import NoSignalingPath, ServerPath, Signal
-from hivewire.mesh.relay import MAX_GOSSIPED_NEIGHBOURS, MESH_SCHEMAS, RelayPath
+from hivewire.mesh.relay import MAX_GOSSIPED_NEIGHBOURS, RelayPath
 from hivewire.signaling import SignalingAuthError, SignalingClient
-from hivewire.signaling.signed import DescriptionVerifier, VerifiedDescription, sign_description
+from hivewire.signaling.signed import DescriptionVerifier, VerifiedDescription
 
 logger = logging.getLogger(__name__)
 
@@ -71,36 +68,8 @@ class MeshStats:
     signals_sent: Counter[str] = field(default_factory=Counter)  # by path: "server", "relay"
     signals_refused: int = 0  # offers and answers that failed verification
     glare_yielded: int = 0  # our offers abandoned because the peer's won
-    relay_only_retries: int = 0
+    relay_only_retries: int = 0  # offers retried through TURN only after ICE failed
     offers_declined: int = 0  # offers we refused because max_links was reached
-
-
-class _Superseded(MeshError):
-    """This attempt gave way to another one for the same peer (glare, or a newer offer)."""
-
-
-class _IceFailed(MeshError):
-    """The descriptions were exchanged but the link did not open (ICE, DTLS or SCTP failed)."""
-
-
-@dataclass(eq=False)
-class _Attempt:
-    """One offer or answer in progress towards ``peer``."""
-
-    peer: str
-    role: str  # "offer" or "answer"
-    answer: "asyncio.Future[VerifiedDescription]"
-    task: "asyncio.Task[Link] | None" = None
-    abandoned: str | None = None
-
-    def abandon(self, reason: str) -> None:
-        self.abandoned = reason
-        if not self.answer.done():
-            self.answer.set_exception(_Superseded(reason))
-
-    def check(self) -> None:
-        if self.abandoned is not None:
-            raise _Superseded(self.abandoned)
 
 
 class Mesh:
@@ -120,13 +89,15 @@ class Mesh:
         self.settings = settings or MeshSettings()
         self.stats = MeshStats()
         self.table = NeighbourTable(self.peer_id, backoff=self.settings.backoff, clock=time.monotonic)
-        self._identity = identity
-        self._certificate = certificate
         self._verifier = verifier
-        self._ice_servers = list(ice_servers)
-        build_configuration(self._ice_servers)  # refuse a bad list now, not at the first link
-        self._has_turn = any(
-            str(url).startswith("turn") for server in self._ice_servers for url in _urls(server.get("urls"))
+        self._negotiator = Negotiator(
+            identity,
+            certificate,
+            ice_servers,
+            send=self._send,
+            link_settings=self.settings.link,
+            answer_timeout_s=self.settings.answer_timeout_s,
+            on_dead=self._on_link_dead,
         )
         # Relayed signaling; its counters (forwarded, dropped) are for operators and tests.
         self.relay = RelayPath(
@@ -134,7 +105,7 @@ class Mesh:
         )
         self._server = ServerPath(signaling, self) if signaling is not None else None
         self._links: dict[str, Link] = {}
-        self._attempts: dict[str, _Attempt] = {}
+        self._attempts: dict[str, Attempt] = {}
         self._inbox: asyncio.Queue[Signal] = asyncio.Queue(maxsize=self.settings.inbox_signals)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -174,7 +145,7 @@ class Mesh:
             attempt = self._attempts.get(peer) or self._start_offer(peer)
             assert attempt.task is not None
             await asyncio.wait({attempt.task})
-            if attempt.task.cancelled() or isinstance(attempt.task.exception(), _Superseded):
+            if attempt.task.cancelled() or isinstance(attempt.task.exception(), Superseded):
                 continue  # a glare winner or a newer offer took over; wait for that one
             return attempt.task.result()
 
@@ -208,107 +179,52 @@ class Mesh:
         if self.table.add(peers):
             self._wake.set()
 
+    def on_undeliverable(self, peer: str, detail: str) -> None:
+        """The server could not deliver a signal to ``peer`` (gone): fail our offer now, not at its timeout."""
+        attempt = self._attempts.get(peer)
+        if attempt is not None and attempt.waiting_for_answer:
+            attempt.answer.set_exception(MeshError(f"the server cannot deliver to {peer}: {detail}"))
+
     async def close(self) -> None:
         """Stop every task, close every link and peer connection, and the signaling client."""
         if self._closing:
             return
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # a task may spawn another (a replaced link's close) while it winds down
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         links, self._links = list(self._links.values()), {}
         await asyncio.gather(*(link.close() for link in links))
         if self._server is not None:
             await self._server.close()
 
-    # ------------------------------------------------------------------------------------------ offers
+    # ------------------------------------------------------------------------------------------ attempts
 
-    def _start_offer(self, peer: str) -> _Attempt:
-        attempt = _Attempt(peer, "offer", asyncio.get_running_loop().create_future())
+    def _start_offer(self, peer: str) -> Attempt:
+        attempt = Attempt.new(peer, "offer")
         self._attempts[peer] = attempt
-        attempt.task = self._spawn(self._run(attempt, self._offer_with_fallback(attempt)), f"offer-{peer}")
+        attempt.task = self._spawn(self._run(attempt, self._negotiator.offer(attempt)), f"offer-{peer}")
         return attempt
 
-    async def _offer_with_fallback(self, attempt: _Attempt) -> Link:
-        try:
-            return await self._offer(attempt, relay_only=False)
-        except _IceFailed as exc:
-            if not self._has_turn:
-                raise
-            logger.warning("ICE to %s failed (%s); retrying once through the TURN relay only", attempt.peer, exc)
-            self.stats.relay_only_retries += 1
-            attempt.answer = asyncio.get_running_loop().create_future()
-            return await self._offer(attempt, relay_only=True)
+    def _start_answer(self, offer: Signal, verified: VerifiedDescription) -> None:
+        attempt = Attempt.new(offer.sender, "answer")
+        self._attempts[offer.sender] = attempt
+        work = self._negotiator.answer(attempt, verified, offer.via)
+        attempt.task = self._spawn(self._run(attempt, work), f"answer-{offer.sender}")
 
-    async def _offer(self, attempt: _Attempt, *, relay_only: bool) -> Link:
-        peer = attempt.peer
-        pc, link = self._new_link(peer, relay_only=relay_only)
-        adopted = False
-        try:
-            await pc.setLocalDescription(await pc.createOffer())
-            attempt.check()
-            await self._send(peer, "offer", self._sign(peer, "offer", pc.localDescription.sdp), via=None)
-            try:
-                verified = await asyncio.wait_for(attempt.answer, self.settings.answer_timeout_s)
-            except TimeoutError:
-                raise MeshError(
-                    f"no verified answer from {peer} within answer_timeout_s={self.settings.answer_timeout_s}"
-                ) from None
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=verified.sdp, type="answer"))
-            await self._open(attempt, link)
-            adopted = True
-            return link
-        finally:
-            if not adopted:
-                await link.close()
-
-    # ------------------------------------------------------------------------------------------ answers
-
-    async def _answer(self, attempt: _Attempt, offer: Signal, verified: VerifiedDescription) -> Link:
-        pc, link = self._new_link(attempt.peer, relay_only=False)
-        adopted = False
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=verified.sdp, type="offer"))
-            await pc.setLocalDescription(await pc.createAnswer())
-            attempt.check()
-            answer = self._sign(attempt.peer, "answer", pc.localDescription.sdp)
-            await self._send(attempt.peer, "answer", answer, via=offer.via)
-            await self._open(attempt, link)
-            adopted = True
-            return link
-        finally:
-            if not adopted:
-                await link.close()
-
-    # ------------------------------------------------------------------------------------------ shared steps
-
-    def _new_link(self, peer: str, *, relay_only: bool) -> tuple[RTCPeerConnection, Link]:
-        """A peer connection and its link, channels created before any description (link.py)."""
-        pc = RTCPeerConnection(build_configuration(self._ice_servers, relay_only=relay_only))
-        codec = ControlCodec(MESH_SCHEMAS)
-        return pc, Link(pc, peer=peer, settings=self.settings.link, codec=codec, on_dead=self._on_link_dead)
-
-    def _sign(self, peer: str, kind: str, sdp: str) -> dict[str, Any]:
-        return sign_description(
-            self._identity, self._certificate(), sender=self.peer_id, receiver=peer, kind=kind, sdp=sdp, now=time.time()
-        )
-
-    async def _open(self, attempt: _Attempt, link: Link) -> None:
-        """Wait for the link to open, then hand it to the mesh unless the attempt was superseded meanwhile."""
-        try:
-            await link.wait_open()
-        except LinkError as exc:
-            attempt.check()
-            raise _IceFailed(str(exc)) from exc
-        attempt.check()
-        self._adopt(link)
-
-    async def _run(self, attempt: _Attempt, work: Coroutine[Any, Any, Link]) -> Link:
-        """Run an offer or answer; on failure the peer backs off. The attempt slot is freed either way."""
+    async def _run(self, attempt: Attempt, work: Coroutine[Any, Any, Link]) -> Link:
+        """Run an offer or answer and adopt its link; on failure the peer backs off. Frees the slot either way."""
         peer = attempt.peer
         try:
-            return await work
-        except _Superseded as exc:
+            link = await work
+            if self._closing:
+                await link.close()
+                raise MeshError("the mesh is closing")
+            self._adopt(link)
+            return link
+        except Superseded as exc:
             logger.info("%s with %s abandoned: %s", attempt.role, peer, exc)
             raise
         except Exception as exc:  # whatever failed, it is this peer's attempt that failed, never the mesh
@@ -320,9 +236,10 @@ class Mesh:
         finally:
             if self._attempts.get(peer) is attempt:
                 del self._attempts[peer]
+            self.stats.relay_only_retries = self._negotiator.relay_only_retries
             self._wake.set()
 
-    async def _send(self, peer: str, kind: str, payload: Mapping[str, Any], *, via: str | None) -> None:
+    async def _send(self, peer: str, kind: str, payload: Mapping[str, Any], via: str | None) -> None:
         """Send through the server, else a relaying neighbour; ``via`` a neighbour puts that one first."""
         order = ["relay", "server"] if via is not None and via != "server" else ["server", "relay"]
         problems = []
@@ -392,12 +309,14 @@ class Mesh:
                 await self._handle(signal)
             except NoSignalingPath as exc:
                 logger.warning("could not reply to a %s from %s: %s", signal.kind, signal.sender, exc)
+            except Exception:  # one signal that trips a bug must not stop every later one
+                logger.exception("handling a %s from %s via %s failed", signal.kind, signal.sender, signal.via)
 
     async def _handle(self, signal: Signal) -> None:
         peer = signal.sender
         if signal.kind == "bye":
             attempt = self._attempts.get(peer)
-            if attempt is not None and attempt.role == "offer" and not attempt.answer.done():
+            if attempt is not None and attempt.waiting_for_answer:
                 reason = str(signal.payload.get("reason", ""))[:_REASON_CHARS]
                 attempt.answer.set_exception(MeshError(f"{peer} declined our offer: {reason or 'no reason given'}"))
             return
@@ -409,7 +328,7 @@ class Mesh:
                 await self._on_offer(signal, verified)
             return
         attempt = self._attempts.get(peer)
-        if attempt is None or attempt.role != "offer" or attempt.answer.done():
+        if attempt is None or not attempt.waiting_for_answer:
             logger.info("dropped an answer from %s via %s: no offer of ours is waiting for it", peer, signal.via)
             return
         verified = await self._verify(signal)
@@ -440,16 +359,14 @@ class Mesh:
         if peer not in self._links and len(self._links) + len(self._attempts) >= self.settings.max_links:
             self.stats.offers_declined += 1
             logger.info("declined an offer from %s: max_links=%d reached", peer, self.settings.max_links)
-            await self._send(peer, "bye", {"reason": "full"}, via=offer.via)
+            await self._send(peer, "bye", {"reason": "full"}, offer.via)
             return
         old = self._links.pop(peer, None)
         if old is not None:
             logger.info("%s offered a new link; replacing the one we hold", peer)
             self._forget_neighbour(peer)
             self._spawn(old.close(), f"replace-{peer}")
-        attempt = _Attempt(peer, "answer", asyncio.get_running_loop().create_future())
-        self._attempts[peer] = attempt
-        attempt.task = self._spawn(self._run(attempt, self._answer(attempt, offer, verified)), f"answer-{peer}")
+        self._start_answer(offer, verified)
 
     async def _read_control(self, link: Link) -> None:
         async for record in link.control_records():
@@ -474,9 +391,10 @@ class Mesh:
                 self._gossip()
                 last_gossip = now
             if room > 0 and self._server is not None and now - last_peers_request >= settings.peers_request_interval_s:
-                await self._server.request_peers()
+                # Its answer may take request_timeout_s; the maintainer does not wait for it.
+                self._spawn(self._server.request_peers(), "peers-request")
                 last_peers_request = now
-            retry_in = self.table.next_retry_in_s(busy | set(self._attempts))
+            retry_in = self.table.next_retry_in_s(busy)
             timeout = min(settings.maintain_interval_s, retry_in if retry_in is not None else math.inf)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -495,7 +413,3 @@ class Mesh:
         exc = task.exception()
         if exc is not None and not isinstance(exc, MeshError):
             logger.error("mesh task %s failed", task.get_name(), exc_info=exc)
-
-
-def _urls(urls: object) -> list[str]:
-    return [urls] if isinstance(urls, str) else list(urls) if isinstance(urls, list) else []

@@ -52,6 +52,8 @@ class SignalSink(Protocol):
 
     def on_peers(self, peers: list[str]) -> None: ...
 
+    def on_undeliverable(self, peer: str, detail: str) -> None: ...
+
 
 class ServerPath:
     """The server's signaling WebSocket as a path; pumps what the server sends into the sink.
@@ -123,3 +125,5 @@ class ServerPath:
             self._sink.on_peers(list(message.peers))
         else:
             logger.info("%s dropped one of our signals: %s %s", self._client.url, message.code, message.detail)
+            if message.to is not None:
+                self._sink.on_undeliverable(message.to, f"{message.code}: {message.detail}")
