@@ -163,6 +163,59 @@ class Report(Base):
     samples_per_second: Mapped[float | None] = mapped_column(Float)
     details: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # The peer's clock when it wrote the report (signed); buffered reports arrive long after it.
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # Seconds online this report accounts for: the gap since the peer's previous report, capped.
+    online_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Round(Base):
+    """A round receipt: an averaging group's members and their contributed samples, signed by every member."""
+
+    __tablename__ = "rounds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[str] = mapped_column(String(64), unique=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    # SHA-256 of the signed bytes: a second upload with the same digest is a duplicate, another is a conflict.
+    digest: Mapped[str] = mapped_column(String(64))
+    uploaded_by: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    members: Mapped[list[RoundMember]] = relationship(cascade="all, delete-orphan")
+
+
+class RoundMember(Base):
+    """One member of a round and the samples its co-members signed for: the leaderboard's verified samples."""
+
+    __tablename__ = "round_members"
+    __table_args__ = (UniqueConstraint("round_pk", "peer_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_pk: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    peer_id: Mapped[str] = mapped_column(String(32), index=True)
+    samples: Mapped[int] = mapped_column(BigInteger)
+
+
+class VerificationFailure(Base):
+    """A refused report or receipt from an authenticated peer, kept for the organizer to review."""
+
+    __tablename__ = "verification_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    peer_id: Mapped[str] = mapped_column(String(32))
+    # "report" or "receipt"
+    kind: Mapped[str] = mapped_column(String(16))
+    # The report_id or round_id as sent (truncated), empty when it had none.
+    subject: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class SigningKey(Base):

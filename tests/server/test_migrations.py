@@ -18,6 +18,9 @@ EXPECTED_TABLES = {
     "memberships",
     "peers",
     "reports",
+    "rounds",
+    "round_members",
+    "verification_failures",
     "signing_keys",
 }
 
