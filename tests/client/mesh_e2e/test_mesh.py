@@ -144,3 +144,19 @@ def flip_fingerprint(sdp: str) -> str:
     marker = "a=fingerprint:sha-256 "
     at = sdp.index(marker) + len(marker)
     return sdp[:at] + ("0" if sdp[at] != "0" else "1") + sdp[at + 1 :]
+
+
+@pytest.mark.slow
+async def test_a_dead_neighbour_is_dropped_and_a_newcomer_takes_its_place(spawn) -> None:  # type: ignore[no-untyped-def]
+    ada, bob, cyd = await three_peers(spawn)
+    await bob.mesh.close()  # bob's process goes away: its channels close under ada and cyd
+
+    for peer in (ada, cyd):
+        await wait_until(lambda peer=peer: bob.id not in peer.mesh.neighbours, f"{peer.name} to drop bob")
+        assert peer.mesh.stats.links_lost >= 1
+    await wait_until(lambda: bob.id not in ada.mesh.table.known(), "the server to report bob gone")
+
+    dan = await spawn("dan")
+    await wait_full_mesh([ada, cyd, dan])
+    payload = os.urandom(2**20)
+    assert await move(dan, ada, payload) == sha256(payload)

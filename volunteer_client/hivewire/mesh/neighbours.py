@@ -85,8 +85,13 @@ class NeighbourTable:
         return set(self._candidates)
 
     def failed(self, peer: str) -> float:
-        """Record a failed or lost link; returns the delay in seconds before the peer is tried again."""
-        candidate = self._candidates.setdefault(peer, _Candidate())
+        """Record a failed or lost link; returns the delay in seconds before the peer is tried again.
+
+        A peer removed meanwhile (the server said it left) stays removed; 0.0 then.
+        """
+        candidate = self._candidates.get(peer)
+        if candidate is None:
+            return 0.0
         candidate.failures += 1
         delay = self.backoff.delay_s(candidate.failures, self._rng)
         candidate.retry_at = self._clock() + delay
