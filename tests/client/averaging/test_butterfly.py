@@ -335,3 +335,14 @@ async def test_bad_local_input_is_refused_before_anything_is_sent() -> None:
         ButterflySettings(reduce_timeout_s=0)
     with pytest.raises(PeerUnreachable, match="not a member"):
         await hub.transport("a").send("z", b"")
+
+
+async def test_float64_tensors_are_averaged_in_float64_and_left_untouched() -> None:
+    values = {member: tensor.double() for member, tensor in tensors(MEMBERS, 1001).items()}
+    originals = {member: tensor.clone() for member, tensor in values.items()}
+    results = await run_group(values, WEIGHTS)
+    expected = sum(values[member] * WEIGHTS[member] for member in MEMBERS) / sum(WEIGHTS.values())
+    for member, (result, _) in results.items():
+        assert result.dtype == torch.float64
+        assert torch.equal(result, expected)
+        assert torch.equal(values[member], originals[member])

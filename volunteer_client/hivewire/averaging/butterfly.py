@@ -280,10 +280,11 @@ class _Round:
         weights = [self.parts[member][0] for member in order]
         total = sum(weights)
         divisor = total if total > 0 else float(len(order))  # all weights 0: a plain mean of what came
-        accumulator = torch.zeros(self.my_size, dtype=torch.float64)
-        for member, member_weight in zip(order, weights, strict=True):
-            accumulator += self.parts[member][1].double() * (member_weight if total > 0 else 1.0)
-        body = self.codec.encode((accumulator / divisor).to(self.flat.dtype))
+        scales = weights if total > 0 else [1.0] * len(order)
+        accumulator = self.parts[order[0]][1].to(torch.float64, copy=True).mul_(scales[0])
+        for member, scale in zip(order[1:], scales[1:], strict=True):
+            accumulator.add_(self.parts[member][1], alpha=scale)  # float64: each wᵢ·xᵢ rounded, then added
+        body = self.codec.encode(accumulator.div_(divisor).to(self.flat.dtype))
         mask = sum(1 << self.partition.index(member) for member in order)
         # Decode our own bytes so every member holds the very same values for this shard.
         mean = self.codec.decode(body, expected_numel=self.my_size, expected_dtype=self.flat.dtype)
