@@ -9,12 +9,13 @@ with advice, and the exit status; plus the advice when not signed in or when the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,21 @@ import aioice.ice
 import httpx
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner, Result
 
+from hivewire.api import HivewireAPI
 from hivewire.cli import CliState, app
+from hivewire.identity import CertificateVerifier, PeerIdentity
 from hivewire.mesh import restrict_host_addresses
+from hivewire.mesh.manager import Mesh
+from hivewire.signaling import DescriptionVerifier, SignalingClient
 from hivewire_server.main import create_app
 from tests.conftest import RUN, TURN_SECRET, make_settings, new_user
 
 LOOPBACK = "127.0.0.1"
 COTURN_ALT_IP = "127.0.0.2"  # coturn opens its alternate port only with a second listening address
-START_TIMEOUT_S = 10.0  # coturn bound / uvicorn started, normally well under a second
+START_TIMEOUT_S = 10.0  # coturn bound / uvicorn started / the live peer's mesh started, normally under a second
 STOP_TIMEOUT_S = 5.0
 DOCTOR_BUDGET_S = 30.0  # what the doctor promises even when every probe times out
 
@@ -160,6 +166,41 @@ def volunteer_in_a_run(url: str, home: Path) -> str:
     result = hivewire(home, "login", url, "--token", volunteer.token)
     assert result.exit_code == 0, result.output
     return f"{url}/runs/{RUN['slug']}"
+
+
+@pytest.fixture
+def peer_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop in its own thread for a live peer, so it answers while the doctor runs in this one."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="live-peer")
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(STOP_TIMEOUT_S)
+    loop.close()
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, work: Coroutine[object, object, Mesh | None]) -> Mesh | None:
+    return asyncio.run_coroutine_threadsafe(work, loop).result(START_TIMEOUT_S)
+
+
+async def start_live_peer(url: str, certificates: CertificateVerifier) -> Mesh:
+    """Another volunteer's client: joins with its own key and user, meshes through the server's signaling."""
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        token = new_user(http, "lena").token  # type: ignore[arg-type]
+    key = Ed25519PrivateKey.generate()
+    identity = PeerIdentity(private_key=key, public_key_raw=key.public_key().public_bytes_raw())
+    with HivewireAPI(url, token) as api:
+        joined = api.join(RUN["slug"], identity.peer_key)
+    mesh = Mesh(
+        identity,
+        lambda: joined.certificate,
+        DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
+        ice_servers=[ice.model_dump(exclude_none=True) for ice in joined.ice_servers],
+        signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate),
+    )
+    await mesh.start(joined.initial_peers)
+    return mesh
 
 
 def hivewire(home: Path, *args: str, env: dict[str, str] | None = None) -> Result:
@@ -291,3 +332,28 @@ def test_silent_second_stun_address_leaves_the_mapping_unknown(
     assert f"(the second STUN address {LOOPBACK}:{silent} did not answer, two answers" in nat["summary"]
     assert steps(report)["turn"]["status"] == "skip"
     assert report["verdict"]["code"] == "direct"
+
+
+@SQLITE_ONLY
+def test_doctor_links_to_a_live_peer(
+    start_server: ServerFactory, coturn: int, tmp_path: Path, peer_loop: asyncio.AbstractEventLoop
+) -> None:
+    """Another volunteer's mesh is up: the doctor links to it through signaling and times round trips."""
+    url = start_server(stun_urls=[f"stun:{LOOPBACK}:{coturn}"], turn_urls=[f"turn:{LOOPBACK}:{coturn}?transport=udp"])
+    run_url = volunteer_in_a_run(url, tmp_path)
+    certificates = CertificateVerifier(url)
+    live = on_loop(peer_loop, start_live_peer(url, certificates))
+    assert live is not None
+    try:
+        code, report = doctor_json(tmp_path, run_url)
+    finally:
+        on_loop(peer_loop, live.close())
+        certificates.close()
+    assert code == 0, report
+    peer = steps(report)["peer"]
+    assert peer["status"] == "ok", peer
+    assert peer["summary"].startswith(f"linked to {live.peer_id} directly (host to host), round trip "), peer
+    assert peer["summary"].endswith(" ms; throughput not measured"), peer
+    assert 0 < peer["details"]["rtt_ms"] < 1000
+    assert peer["details"]["pair"]["remote_address"].startswith(f"{LOOPBACK}:")
+    assert report["verdict"]["code"] == "direct-and-relay"

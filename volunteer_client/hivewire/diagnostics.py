@@ -17,7 +17,7 @@ from typing import Any
 import aioice.stun
 import aioice.turn
 from aioice import stun
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, RTCSctpTransport
 from aiortc.rtcicetransport import parse_stun_turn_uri
 
 from hivewire.mesh import build_configuration
@@ -31,6 +31,7 @@ __all__ = [
     "explain_ice_failure",
     "gather_local_description",
     "mapping_behaviour",
+    "nominated_pair",
     "selected_pair",
     "stun_endpoints",
     "stun_mapped_addresses",
@@ -243,7 +244,15 @@ def selected_pair(pc: RTCPeerConnection) -> dict[str, Any]:
     """
     if pc.sctp is None:
         raise RuntimeError("no SCTP transport: the connection has no data channels or is not negotiated")
-    connection = pc.sctp.transport.transport._connection
+    return nominated_pair(pc.sctp)
+
+
+def nominated_pair(sctp: RTCSctpTransport) -> dict[str, Any]:
+    """:func:`selected_pair` from the SCTP transport under a data channel (``channel.transport``).
+
+    For code that holds a channel but not its peer connection, such as a mesh Link.
+    """
+    connection = sctp.transport.transport._connection
     nominated = connection._nominated
     if not nominated:
         raise RuntimeError("ICE has no nominated pair (not connected?)")
