@@ -30,7 +30,7 @@ def command(
     host_address: Annotated[
         list[str] | None,
         typer.Option(
-            help="Gather host candidates only on this address or interface (repeatable) [default: all but loopback]"
+            help="Gather host candidates only on this address or interface (repeatable; default: all but loopback)"
         ),
     ] = None,
 ) -> None:
