@@ -54,13 +54,18 @@ async def mint(
     return MintedCertificate(token=token, jti=jti, expires_at=expires_at)
 
 
-async def verify_own(session: AsyncSession, token: str, *, issuer: str, lifetime_seconds: int) -> dict[str, Any]:
-    """Claims of a still-valid certificate this server signed; Unauthenticated otherwise."""
+async def verify_own(
+    session: AsyncSession, token: str, *, issuer: str, lifetime_seconds: int, grace_seconds: int = 0
+) -> dict[str, Any]:
+    """Claims of a still-valid certificate this server signed; Unauthenticated otherwise.
+
+    `grace_seconds` accepts a certificate that expired that long ago: round receipts are signed while their
+    members' certificates were valid, but may be uploaded later."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
         raise Unauthenticated("the certificate is not a JWT", code="bad_certificate") from exc
-    keys = await published_keys(session, lifetime_seconds)
+    keys = await published_keys(session, lifetime_seconds + grace_seconds)
     key = keys.get(str(header.get("kid")))
     if header.get("alg") != "EdDSA" or header.get("typ") != TOKEN_TYPE or key is None:
         raise Unauthenticated("the certificate was not issued by this server", code="bad_certificate")
@@ -70,7 +75,7 @@ async def verify_own(session: AsyncSession, token: str, *, issuer: str, lifetime
             key,
             algorithms=["EdDSA"],
             issuer=issuer,
-            leeway=LEEWAY_SECONDS,
+            leeway=LEEWAY_SECONDS + grace_seconds,
             options={"require": list(REQUIRED_CLAIMS)},
         )
     except jwt.ExpiredSignatureError as exc:

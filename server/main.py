@@ -12,11 +12,23 @@ from starlette.middleware.sessions import SessionMiddleware
 import hivewire_server.dashboard
 from hivewire_server.api import errors
 from hivewire_server.api.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from hivewire_server.api.routes import auth, device, health, join, runs, signaling, tokens, wellknown
+from hivewire_server.api.routes import (
+    accounting,
+    auth,
+    device,
+    health,
+    join,
+    prometheus,
+    runs,
+    signaling,
+    tokens,
+    wellknown,
+)
 from hivewire_server.auth import oidc
 from hivewire_server.core.config import Settings
 from hivewire_server.core.db import create_engine, session_factory
 from hivewire_server.dashboard import routes as pages
+from hivewire_server.metrics import RequestMetricsMiddleware, ServerMetrics
 from hivewire_server.signaling.hub import Hub
 
 SESSION_COOKIE = "hivewire_session"  # its own name: the OpenID provider may share the host's cookie jar
@@ -40,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Hivewire", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = ServerMetrics()
     errors.install(app)
     app.add_middleware(
         SessionMiddleware,
@@ -51,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     for router in (
         health.router,
         auth.router,
@@ -60,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         join.router,
         signaling.router,
         wellknown.router,
+        accounting.router,
+        prometheus.router,
     ):
         app.include_router(router)
     oidc.install(app, settings)

@@ -186,3 +186,117 @@ class JoinResponse(BaseModel):
     run: RunSpec
     initial_peers: list[str]
     signaling_url: str
+
+
+# -- reports, round receipts, leaderboard (docs/protocol.md, "Reports" and "Round receipts") -------------
+
+PeerId = Annotated[str, StringConstraints(pattern=r"^p[a-z2-7]{24}$")]
+Signature = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{86}$")]  # 64 bytes, base64url
+Count = Annotated[int, Field(strict=True, ge=0, le=2**53)]  # strict: 1.0 or true would change the signed bytes
+Finite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class LinkTypes(Strict):
+    """How many of the peer's links use each connection type (ICE candidate type, or direct TLS)."""
+
+    host: int = Field(default=0, strict=True, ge=0, le=100_000)
+    srflx: int = Field(default=0, strict=True, ge=0, le=100_000)
+    relay: int = Field(default=0, strict=True, ge=0, le=100_000)
+    direct_tls: int = Field(default=0, strict=True, ge=0, le=100_000)
+
+
+class ReportIn(Strict):
+    report_id: str = Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+    peer_id: PeerId
+    epoch: Count
+    samples: Count
+    loss: Finite
+    samples_per_second: Finite
+    link_types: LinkTypes
+    client_version: str = Field(pattern=r"^[A-Za-z0-9._+-]{1,32}$")
+    device_kind: str = Field(pattern=r"^[a-z0-9_-]{1,16}$")
+    time: Finite
+    signature: Signature
+
+
+class ReportBatch(Strict):
+    # Each report is validated on its own, so one malformed report is refused without its neighbours.
+    reports: list[dict[str, Any]]
+
+
+class RefusedReport(BaseModel):
+    report_id: str | None
+    reason: str
+    detail: str
+
+
+class ReportsAnswer(BaseModel):
+    accepted: list[str]
+    duplicate: list[str]
+    refused: list[RefusedReport]
+
+
+class ReceiptMember(Strict):
+    peer_id: PeerId
+    certificate: str = Field(min_length=1, max_length=4096)
+    samples: Count
+
+
+class ReceiptIn(Strict):
+    round_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    epoch: Count
+    members: list[ReceiptMember] = Field(min_length=2, max_length=256)
+    signatures: dict[PeerId, Signature] = Field(max_length=256)
+
+
+class ReceiptAnswer(BaseModel):
+    round_id: str
+    status: Literal["stored", "duplicate"]
+
+
+class LeaderboardRow(BaseModel):
+    rank: int
+    user_id: int
+    display_name: str
+    verified_samples: int
+    reported_samples: int
+    online_seconds: float
+    rounds: int
+
+
+class Leaderboard(BaseModel):
+    data: list[LeaderboardRow]
+    count: int
+
+
+class MetricsBucket(BaseModel):
+    start: datetime
+    loss_mean: float | None
+    samples_per_second: float
+    active_peers: int
+    reports: int
+
+
+class RunMetrics(BaseModel):
+    since: datetime
+    bucket_seconds: int
+    data: list[MetricsBucket]
+    count: int
+
+
+class VerificationFailurePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    subject: str
+    reason: str
+    detail: str
+    user_id: int | None
+    peer_id: str
+    created_at: datetime
+
+
+class VerificationFailures(BaseModel):
+    data: list[VerificationFailurePublic]
+    count: int

@@ -68,6 +68,18 @@ class Settings(BaseSettings):
     signal_burst: int = Field(default=100, ge=1, le=100_000)
     # Seconds between a peer's signaling heartbeats; silence for three of them disconnects it.
     signal_heartbeat_seconds: int = Field(default=15, ge=1, le=300)
+    # Most samples per second one peer can plausibly process; reports and receipts claiming more are refused.
+    max_samples_per_second: float = Field(default=100_000.0, gt=0)
+    # Seconds of allowance added to the time a peer had to process the samples it claims.
+    report_slack_seconds: float = Field(default=30.0, ge=0)
+    # How far ahead of the server's clock a report's time may be, seconds.
+    report_max_skew_seconds: float = Field(default=60.0, ge=0)
+    # Oldest report accepted, seconds: reports buffered during an outage longer than this are refused.
+    report_max_age_seconds: float = Field(default=7 * 24 * 3600.0, ge=60)
+    # A gap between a peer's reports longer than this counts as offline (online time grows by at most this).
+    report_online_gap_seconds: float = Field(default=300.0, ge=1)
+    # How long after a member's certificate expired a round receipt naming it is still accepted, seconds.
+    receipt_certificate_grace_seconds: int = Field(default=24 * 3600, ge=0, le=30 * 24 * 3600)
     log_level: str = "INFO"
 
     @field_validator("oidc_providers", mode="before")

@@ -60,6 +60,10 @@ class Hub:
     def _members(self, run: str) -> dict[str, Member]:
         return self._rooms.get(run, {})
 
+    def connected_count(self) -> int:
+        """Peers connected to this replica (the /metrics gauge)."""
+        return sum(len(room) for room in self._rooms.values())
+
     async def register(self, member: Member) -> None:
         """Adds a connected peer, closing an older connection of the same peer here or on another replica."""
         room = self._rooms.setdefault(member.run, {})
