@@ -59,6 +59,7 @@ GATHER_TIMEOUT_S = 10.0
 STUN_TIMEOUT_S = 12.0  # the mapping check, its quick recheck of the first server included
 TURN_TIMEOUT_S = 10.0
 PEER_LINK_TIMEOUT_S = 15.0  # signaling, signed offer and answer, ICE, DTLS and SCTP, and the RTT samples
+SIGNALING_START_TIMEOUT_S = 5.0  # until the server's welcome on the signaling WebSocket
 PEER_PING_INTERVAL_S = 0.2  # keepalive pings on the test link; each pong is one RTT sample
 PEER_RTT_SAMPLES = 5
 # Retransmissions of the recheck that tells "first STUN server silent" from "second one silent" (1.5 s).
@@ -307,7 +308,9 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
         DescriptionVerifier(certificates, run=probe.joined.run.slug, self_peer_id=probe.identity.peer_id),
         ice_servers=ice_servers,
         signaling=SignalingClient(
-            probe.joined.signaling_url, lambda: certificate, settings=SignalingSettings(start_timeout_s=5.0)
+            probe.joined.signaling_url,
+            lambda: certificate,
+            settings=SignalingSettings(start_timeout_s=SIGNALING_START_TIMEOUT_S),
         ),
         settings=MeshSettings(
             max_neighbours=1,
