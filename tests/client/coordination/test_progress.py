@@ -1,0 +1,190 @@
+"""Progress gossip and the global view: records travel a bounded number of hops, once, and expire."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from hivewire.coordination import (
+    Progress,
+    ProgressSettings,
+    ProgressTracker,
+    estimate_global_progress,
+    sign_progress,
+)
+from hivewire.identity import CertificateVerifier
+from tests.client._fakes import RUN
+from tests.client.coordination._support import Clock, GossipHub, Member, eventually
+
+NOW = 1_764_000_000.0
+MakeTracker = Callable[..., ProgressTracker]
+
+
+@pytest.fixture
+async def make_tracker(
+    cert_verifier: CertificateVerifier, make_member: Callable[..., Member]
+) -> AsyncIterator[MakeTracker]:
+    """Start a tracker for a new member on ``hub``; every tracker is closed at teardown."""
+    trackers: list[ProgressTracker] = []
+
+    async def make(hub: GossipHub, *, clock: Callable[[], float], **settings: object) -> ProgressTracker:
+        member = make_member()
+        tracker = ProgressTracker(
+            member.identity,
+            lambda: member.certificate,
+            cert_verifier,
+            hub.join(member.peer_id),
+            run=RUN,
+            settings=ProgressSettings(**{"target_batch_size": 1000, **settings}),  # type: ignore[arg-type]
+            clock=clock,
+        )
+        trackers.append(tracker)
+        await tracker.start()
+        return tracker
+
+    yield make
+    for tracker in trackers:
+        await tracker.close()
+
+
+def record(peer: str, epoch: int, samples: int, rate: float, at: float = NOW) -> Progress:
+    return Progress(peer, epoch, samples, rate, at)
+
+
+def test_the_view_counts_the_epoch_most_peers_are_at_and_extrapolates() -> None:
+    others = [record("a", 4, 300, 10.0, NOW - 2), record("b", 4, 200, 5.0), record("c", 3, 900, 50.0)]
+    view = estimate_global_progress(others, local=record("me", 4, 100, 5.0), target_batch_size=1000, now=NOW)
+    assert (view.epoch, view.local_epoch, view.peers, view.num_peers) == (4, 4, ("a", "b", "me"), 4)
+    assert view.samples_accumulated == 600  # c's samples belong to another epoch
+    assert view.estimated_samples == 620  # a worked 2 s more at 10 samples/s since its record
+    assert view.samples_per_second == 20.0
+    assert view.eta_s == pytest.approx(19.0)
+    assert not view.ready
+    assert not view.behind
+
+
+def test_the_view_is_ready_at_the_target_and_knows_when_we_are_behind() -> None:
+    others = [record("a", 5, 700, 10.0), record("b", 5, 250, 10.0, NOW - 5)]
+    view = estimate_global_progress(others, local=record("me", 4, 50, 1.0), target_batch_size=1000, now=NOW)
+    assert view.epoch == 5
+    assert view.behind
+    assert view.estimated_samples == 1000
+    assert view.ready
+    assert view.eta_s == 0
+
+
+def test_one_peer_claiming_a_far_epoch_does_not_move_the_run() -> None:
+    others = [record("liar", 10**9, 10**9, 1e6), record("a", 2, 10, 1.0)]
+    view = estimate_global_progress(others, local=record("me", 2, 10, 1.0), target_batch_size=1000, now=NOW)
+    assert view.epoch == 2
+    assert not view.ready
+    tie = estimate_global_progress(
+        [record("a", 3, 0, 0.0)], local=record("me", 2, 0, 0.0), target_batch_size=9, now=NOW
+    )
+    assert tie.epoch == 3  # a tie goes to the higher epoch: the peer that finished a round is not behind
+    assert tie.eta_s == math.inf  # no throughput at that epoch
+
+
+async def test_gossip_reaches_peers_two_hops_away(make_tracker: MakeTracker) -> None:
+    hub = GossipHub()
+    a, b, c = [await make_tracker(hub, clock=Clock(NOW)) for _ in range(3)]
+    hub.link(a.peer_id, b.peer_id)
+    hub.link(b.peer_id, c.peer_id)
+    a.report(epoch=1, samples_accumulated=64, samples_per_second=8.0, param_hash="cd" * 16)  # announced at once
+    await eventually(lambda: a.peer_id in c.records(), "c hearing of a through b")
+    assert c.records()[a.peer_id] == Progress(a.peer_id, 1, 64, 8.0, NOW, "cd" * 16)
+    assert b.stats.forwarded >= 1
+    assert c.stats.refused == {}
+
+
+async def test_duplicates_are_dropped_and_not_forwarded_again(make_tracker: MakeTracker) -> None:
+    hub = GossipHub()
+    a, b, c = [await make_tracker(hub, clock=Clock(NOW)) for _ in range(3)]
+    await eventually(lambda: all(t.stats.announced for t in (a, b, c)), "first announcements, to no neighbour yet")
+    for x, y in ((a, b), (b, c), (a, c)):
+        hub.link(x.peer_id, y.peer_id)
+    a.report(epoch=1, samples_accumulated=1, samples_per_second=1.0)  # only a announces after the links exist
+    await eventually(lambda: b.stats.duplicates + c.stats.duplicates == 2, "a's record reaching b and c twice")
+    await asyncio.sleep(0.05)  # let anything still in flight arrive
+    # b and c each got a's record from a and from each other; each passed the first copy on to the other only.
+    for tracker in (b, c):
+        assert (tracker.stats.accepted, tracker.stats.duplicates, tracker.stats.forwarded) == (1, 1, 1)
+    assert b.records()[a.peer_id] == c.records()[a.peer_id]
+    assert a.stats.accepted == a.stats.duplicates == 0  # nobody sends a record back to its author
+
+
+async def test_the_hop_bound_stops_gossip(make_tracker: MakeTracker) -> None:
+    hub = GossipHub()
+    line = [await make_tracker(hub, clock=Clock(NOW), gossip_hops=2) for _ in range(4)]
+    for x, y in itertools.pairwise(line):
+        hub.link(x.peer_id, y.peer_id)
+    first, last = line[0], line[3]
+    first.report(epoch=2, samples_accumulated=1, samples_per_second=1.0)
+    await eventually(lambda: first.peer_id in line[2].records(), "the record reaching the peer 2 links away")
+    await eventually(lambda: line[2].stats.accepted >= 2, "the third peer hearing its other neighbour too")
+    assert first.peer_id not in last.records()
+
+
+async def test_a_silent_peer_expires_from_the_view(make_tracker: MakeTracker) -> None:
+    clock = Clock(NOW)
+    hub = GossipHub()
+    a, b = await make_tracker(hub, clock=clock), await make_tracker(hub, clock=clock)
+    hub.link(a.peer_id, b.peer_id)
+    a.report(epoch=1, samples_accumulated=10, samples_per_second=1.0)
+    b.report(epoch=1, samples_accumulated=10, samples_per_second=1.0)
+    await eventually(lambda: a.peer_id in b.records(), "b hearing of a")
+    assert b.view().peers == tuple(sorted((a.peer_id, b.peer_id)))
+    await a.close()  # a stops announcing
+    clock.now += b.settings.record_expiration_s + 1
+    assert b.view().peers == (b.peer_id,)
+    assert b.stats.expired == 1
+
+
+async def test_stale_and_forged_records_from_a_neighbour_change_nothing(
+    make_tracker: MakeTracker, make_member: Callable[..., Member]
+) -> None:
+    hub = GossipHub()
+    b = await make_tracker(hub, clock=Clock(NOW))
+    hostile = make_member()
+    transport = hub.join(hostile.peer_id)
+    hub.link(hostile.peer_id, b.peer_id)
+    stale = sign_progress(
+        hostile.identity, hostile.certificate, record(hostile.peer_id, 1, 5, 1.0, NOW - 61), run=RUN, ttl=1
+    )
+    forged = sign_progress(hostile.identity, hostile.certificate, record(hostile.peer_id, 1, 5, 1.0), run=RUN, ttl=1)
+    forged["epoch"] = 99
+    for bad in (stale, forged):
+        transport.send_control(b.peer_id, bad)
+    await eventually(lambda: sum(b.stats.refused.values()) == 2, "b refusing both records")
+    assert b.stats.refused == {"stale": 1, "signature": 1}
+    assert b.records() == {}
+
+
+async def test_trackers_agree_when_the_target_is_reached(make_tracker: MakeTracker) -> None:
+    clock = Clock(NOW)
+    hub = GossipHub()
+    peers = [await make_tracker(hub, clock=clock, target_batch_size=300) for _ in range(3)]
+    for x, y in itertools.pairwise(peers):
+        hub.link(x.peer_id, y.peer_id)
+    for tracker in peers:
+        tracker.report(epoch=1, samples_accumulated=80, samples_per_second=10.0)
+    await eventually(lambda: all(t.view().num_peers == 3 for t in peers), "every tracker seeing all three")
+    view = peers[0].view()
+    assert (view.samples_accumulated, view.samples_per_second, view.ready) == (240, 30.0, False)
+    assert view.eta_s == pytest.approx(2.0)
+    clock.now += 2  # 20 samples more each, by their reported rates
+    ready = [await tracker.wait_ready() for tracker in peers]
+    assert all(view.ready and view.epoch == 1 and len(view.peers) == 3 for view in ready)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="target_batch_size"):
+        ProgressSettings(target_batch_size=0)
+    with pytest.raises(ValueError, match="record_expiration_s"):
+        ProgressSettings(target_batch_size=1, max_announce_interval_s=60.0)
+    with pytest.raises(ValueError, match="gossip_hops"):
+        ProgressSettings(target_batch_size=1, gossip_hops=0)

@@ -1,0 +1,43 @@
+"""Coordination of a run: signed progress gossip, the global epoch view, and group formation for rounds."""
+
+from hivewire.coordination.errors import CoordinationError, RecordRefused, RoundAbandoned
+from hivewire.coordination.grouping import form_groups, group_of
+from hivewire.coordination.matchmaking import Group, Matchmaker, MatchmakingSettings
+from hivewire.coordination.progress import (
+    GlobalProgress,
+    ProgressSettings,
+    ProgressStats,
+    ProgressTracker,
+    estimate_global_progress,
+)
+from hivewire.coordination.records import (
+    COORDINATION_SCHEMAS,
+    Progress,
+    ProgressVerifier,
+    round_id,
+    sign_progress,
+)
+from hivewire.coordination.transport import GossipTransport, RecordHandler
+
+__all__ = [
+    "COORDINATION_SCHEMAS",
+    "CoordinationError",
+    "GlobalProgress",
+    "GossipTransport",
+    "Group",
+    "Matchmaker",
+    "MatchmakingSettings",
+    "Progress",
+    "ProgressSettings",
+    "ProgressStats",
+    "ProgressTracker",
+    "ProgressVerifier",
+    "RecordHandler",
+    "RecordRefused",
+    "RoundAbandoned",
+    "estimate_global_progress",
+    "form_groups",
+    "group_of",
+    "round_id",
+    "sign_progress",
+]

@@ -1,0 +1,38 @@
+"""What coordination needs from the mesh: send a control record to a neighbour, hear records, open a link.
+
+The mesh manager satisfies ``GossipTransport`` (it owns the links and their control channels); tests run
+whole swarms in one event loop with an in-process implementation. Records reach handlers after the link's
+codec accepted them (``COORDINATION_SCHEMAS`` registered), and are checked again by their consumer.
+"""
+
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol
+
+# Called with (neighbour that sent it, record); must not block: consumers queue work for their own tasks.
+RecordHandler = Callable[[str, dict[str, Any]], None]
+
+
+class GossipTransport(Protocol):
+    """Control records to and from this peer's neighbours."""
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's id."""
+        ...
+
+    @property
+    def neighbours(self) -> list[str]:
+        """Peers we hold an open link to now."""
+        ...
+
+    def send_control(self, peer: str, record: Mapping[str, Any]) -> None:
+        """Send one record to neighbour ``peer``; a MeshError (LinkError) when there is no open link to it."""
+        ...
+
+    def on_records(self, types: Collection[str], handler: RecordHandler) -> None:
+        """Deliver every record of these types, from any neighbour, to ``handler``."""
+        ...
+
+    async def connect(self, peer: str) -> Any:
+        """Open a direct link to ``peer`` (a no-op when it is a neighbour); a MeshError when that fails."""
+        ...
