@@ -190,14 +190,18 @@ class HivewireAPI:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, *, json_body: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, *, json_body: dict[str, Any] | None = None, bearer: str | None = None
+    ) -> Any:
         """Send one request and return its parsed JSON, or raise the `HivewireError` its status means.
 
+        `bearer` replaces the API token for this request (a peer certificate, for reports and receipts).
         This is the only place where HTTP statuses become exceptions.
         """
         url = f"{self.server_url}{path}"
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer is not None else None
         try:
-            with self.http.stream(method, path, json=json_body) as response:
+            with self.http.stream(method, path, json=json_body, headers=headers) as response:
                 length = response.headers.get("Content-Length", "0")
                 if not length.isdigit() or int(length) > MAX_RESPONSE_BYTES:
                     raise InvalidResponse(f"{method} {url}: answer larger than {MAX_RESPONSE_BYTES} bytes")
@@ -227,7 +231,7 @@ class HivewireAPI:
                 status=status,
             )
         if status == 401:
-            if self.token is None:
+            if self.token is None and bearer is None:
                 raise NotSignedIn(f"{self.server_url} asks to sign in first")
             raise AuthenticationFailed(f"{self.server_url} did not accept the stored token", status=status, code=code)
         if status == 403:

@@ -1,0 +1,181 @@
+"""The reporter against the real server (uvicorn on a free loopback port, SQLite and PostgreSQL): reports written
+while the server is down wait on disk, survive a client restart, arrive once it is back, and count once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from hivewire.api import HivewireAPI
+from hivewire.errors import ServerUnreachable
+from hivewire.identity import PeerIdentity
+from hivewire.reporter import LinkTypes, Reporter, ReporterConfig, ReportQueue, sign_report
+from hivewire_server.core.config import Settings
+from hivewire_server.main import create_app
+from tests.client._fakes import raw_public
+from tests.conftest import Account, make_settings
+
+LOOPBACK = "127.0.0.1"
+START_STOP_TIMEOUT_S = 10.0
+LINKS = LinkTypes(host=1, srflx=2)
+
+
+@pytest.fixture
+def port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def settings(database_url: str, port: int) -> Settings:
+    """The certificates' issuer is the address uvicorn listens on, before and after a restart."""
+    return make_settings(database_url, public_url=f"http://{LOOPBACK}:{port}", stun_urls=[], turn_urls=[])
+
+
+class LiveServer:
+    """The real app under uvicorn in a thread, stopped and started again on the same port."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.url = f"http://{LOOPBACK}:{port}"
+        self._running: tuple[uvicorn.Server, threading.Thread] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._running is not None
+
+    def start(self) -> None:
+        config = uvicorn.Config(
+            create_app(self.settings), host=LOOPBACK, port=self.port, log_level="warning", access_log=False
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_STOP_TIMEOUT_S
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started, f"uvicorn did not start on {self.url}"
+        self._running = (server, thread)
+
+    def stop(self) -> None:
+        assert self._running is not None
+        server, thread = self._running
+        server.should_exit = True
+        thread.join(START_STOP_TIMEOUT_S)
+        assert not thread.is_alive(), f"uvicorn did not stop on {self.url}"
+        self._running = None
+
+
+@pytest.fixture
+def server(settings: Settings, port: int) -> Iterator[LiveServer]:
+    live = LiveServer(settings, port)
+    live.start()
+    yield live
+    if live.running:
+        live.stop()
+
+
+def reported_samples(server: LiveServer, run: str, user_id: int) -> int:
+    rows = httpx.get(f"{server.url}/api/runs/{run}/leaderboard", timeout=10).json()["data"]
+    return next((row["reported_samples"] for row in rows if row["user_id"] == user_id), 0)
+
+
+def new_identity() -> PeerIdentity:
+    key = Ed25519PrivateKey.generate()
+    return PeerIdentity(private_key=key, public_key_raw=raw_public(key))
+
+
+def test_reports_sent_during_an_outage_arrive_after_it_and_count_once(
+    server: LiveServer, volunteer: Account, run_slug: str, tmp_path: Path
+) -> None:
+    identity = new_identity()
+    with HivewireAPI(server.url, volunteer.token) as api:
+        certificate = api.join(run_slug, identity.peer_key).certificate
+    config = ReporterConfig(queue_path=tmp_path / "reports.jsonl", flush_interval_s=0.05)
+
+    def reporter() -> Reporter:
+        return Reporter(server.url, run_slug, identity, lambda: certificate, config, device_kind="cpu")
+
+    first = reporter()
+    first.report(epoch=0, samples=10, loss=3.0, samples_per_second=5.0, link_types=LINKS)
+    result = first.flush()
+    assert (len(result.accepted), result.pending, result.error) == (1, 0, None)
+
+    server.stop()
+    for samples in (20, 30, 40):
+        first.report(epoch=1, samples=samples, loss=2.0, samples_per_second=5.0, link_types=LINKS)
+    result = first.flush()
+    assert result.accepted == [] and result.pending == 3 and isinstance(result.error, ServerUnreachable)
+    first.close()  # the client stops too: its queue stays on disk
+    assert len(ReportQueue(config.queue_path, max_bytes=config.max_queue_bytes)) == 3
+    unanswered = config.queue_path.read_text()
+
+    server.start()
+    second = reporter()
+    second.start()  # the background sender finds the server back
+    deadline = time.monotonic() + START_STOP_TIMEOUT_S
+    while second.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second.close()
+    assert second.pending == 0
+    assert reported_samples(server, run_slug, volunteer.id) == 100
+
+    # The answer to that batch got lost (say): the same reports are sent again, and count once.
+    config.queue_path.write_text(unanswered)
+    third = reporter()
+    result = third.flush()
+    third.close()
+    assert (result.accepted, len(result.duplicate), result.pending) == ([], 3, 0)
+    assert reported_samples(server, run_slug, volunteer.id) == 100
+
+
+def test_reports_the_server_refuses_leave_the_queue(
+    server: LiveServer, volunteer: Account, run_slug: str, tmp_path: Path
+) -> None:
+    identity = new_identity()
+    with HivewireAPI(server.url, volunteer.token) as api:
+        certificate = api.join(run_slug, identity.peer_key).certificate
+    config = ReporterConfig(queue_path=tmp_path / "reports.jsonl")
+    reporter = Reporter(server.url, run_slug, identity, lambda: certificate, config)
+    reporter.report(epoch=0, samples=10**12, loss=1.0, samples_per_second=1.0, link_types=LINKS)
+    good = reporter.report(epoch=0, samples=5, loss=1.0, samples_per_second=1.0, link_types=LINKS)
+    result = reporter.flush()
+    reporter.close()
+    assert result.accepted == [good] and len(result.refused) == 1 and result.pending == 0
+
+
+def test_the_queue_is_bounded_and_skips_a_torn_line(tmp_path: Path) -> None:
+    identity = new_identity()
+    path = tmp_path / "reports.jsonl"
+    reports = [
+        sign_report(
+            identity, epoch=0, samples=n, loss=1.0, samples_per_second=1.0, link_types=LINKS, device_kind="cpu", now=n
+        )
+        for n in range(10)
+    ]
+    size = len(json.dumps(reports[0], separators=(",", ":"))) + 1
+    queue = ReportQueue(path, max_bytes=5 * size + size // 2)
+    for report in reports:
+        queue.append(report)
+    assert [report["samples"] for report in queue.oldest(100)] == [5, 6, 7, 8, 9]  # the oldest went
+
+    torn = tmp_path / "torn.jsonl"
+    shutil.copy(path, torn)
+    with torn.open("a") as file:
+        file.write('{"report_id": "half a repo')
+    reloaded = ReportQueue(torn, max_bytes=10**6)
+    assert [report["samples"] for report in reloaded.oldest(100)] == [5, 6, 7, 8, 9]
+    reloaded.remove({reports[5]["report_id"], reports[9]["report_id"]})
+    assert [report["samples"] for report in ReportQueue(torn, max_bytes=10**6).oldest(100)] == [6, 7, 8]
