@@ -4,7 +4,7 @@ Prints one table: for 2 and 4 peers and 10 MB / 100 MB float32 tensors, the medi
 (the slowest peer's time, each round started together behind a barrier) of
 
 * hivewire's ``butterfly_allreduce`` over loopback TCP between separate processes (a length-prefixed
-  stream per pair, ``TcpGroupTransport`` below; the mesh's aiortc Links run at ~20 MB/s in pure Python,
+  connection per pair, ``TcpGroupTransport`` below; the mesh's aiortc Links run at ~20 MB/s in pure Python,
   shared/notes/webrtc-field-notes.md, which would measure SCTP rather than averaging), codec ``none`` and
   the compressed ``fp16`` / ``int8`` for comparison;
 * gloo ``all_reduce`` (sum) of the same tensor in the same processes,
@@ -39,79 +39,118 @@ SETTINGS = ButterflySettings(reduce_timeout_s=120.0, gather_timeout_s=120.0)
 Key = tuple[str, int, str]  # (method, tensor bytes, codec)
 
 
+class _Stream(asyncio.BufferedProtocol):
+    """One TCP connection carrying 8-byte little-endian lengths, each followed by a message.
+
+    Each message is received straight into a buffer of its size (asyncio's StreamReader would copy every
+    chunk into a growing buffer, then once more out of it, which costs more than the averaging at 100 MB).
+    The first message on a connection is the dialer's rank.
+    """
+
+    def __init__(self, group: "TcpGroupTransport") -> None:
+        self.group = group
+        self.peer: str | None = None
+        self.transport: asyncio.Transport | None = None
+        self.queue: asyncio.Queue[bytearray | None] = asyncio.Queue()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._header = bytearray(8)
+        self._body: bytearray | None = None
+        self._filled = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._header if self._body is None else self._body)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._body is None:
+            if self._filled == len(self._header):
+                size = int.from_bytes(self._header, "little")
+                if size > MAX_MESSAGE_BYTES:
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
+                self._body, self._filled = bytearray(size), 0
+        elif self._filled == len(self._body):
+            self._deliver(self._body)
+            self._body, self._filled = None, 0
+
+    def _deliver(self, message: bytearray) -> None:
+        if self.peer is None:
+            self.peer = f"peer{int.from_bytes(message, 'little')}"
+            self.group.add(self.peer, self)
+        else:
+            self.queue.put_nowait(message)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.queue.put_nowait(None)
+        self.writable.set()
+
+    async def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            raise PeerUnreachable(f"connection to {self.peer} closed")
+        self.transport.write(len(data).to_bytes(8, "little"))
+        self.transport.write(data)
+        await self.writable.wait()
+
+
 class TcpGroupTransport:
-    """A GroupTransport over one loopback TCP stream per peer: 8-byte little-endian length, then the message."""
+    """A GroupTransport over one loopback TCP connection per pair of peers."""
 
-    def __init__(self) -> None:
-        self.writers: dict[str, asyncio.StreamWriter] = {}
-        self.queues: dict[str, asyncio.Queue[bytes | None]] = {}
+    def __init__(self, expected: int) -> None:
+        self.streams: dict[str, _Stream] = {}
+        self.expected = expected
         self.connected = asyncio.Event()
-        self.expected = 0
-        self._readers: set[asyncio.Task[None]] = set()
-
-    def add(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers[peer] = writer
-        self.queues[peer] = asyncio.Queue()
-        task = asyncio.get_running_loop().create_task(self._read(peer, reader))
-        self._readers.add(task)
-        if len(self.writers) == self.expected:
+        if expected == 0:
             self.connected.set()
 
-    async def _read(self, peer: str, reader: asyncio.StreamReader) -> None:
-        queue = self.queues[peer]
-        try:
-            while True:
-                size = int.from_bytes(await reader.readexactly(8), "little")
-                if size > MAX_MESSAGE_BYTES:
-                    break
-                queue.put_nowait(await reader.readexactly(size))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        queue.put_nowait(None)
+    def add(self, peer: str, stream: _Stream) -> None:
+        self.streams[peer] = stream
+        if len(self.streams) == self.expected:
+            self.connected.set()
 
     async def send(self, peer: str, data: bytes) -> None:
-        writer = self.writers[peer]
-        if writer.is_closing():
-            raise PeerUnreachable(f"connection to {peer} closed")
-        writer.write(len(data).to_bytes(8, "little"))
-        writer.write(data)
-        await writer.drain()
+        await self.streams[peer].send(data)
 
     async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:
+        queue = self.streams[peer].queue
         async with asyncio.timeout(timeout_s):
-            data = await self.queues[peer].get()
+            data = await queue.get()
         if data is None:
-            self.queues[peer].put_nowait(None)
+            queue.put_nowait(None)
             raise PeerUnreachable(f"connection from {peer} closed")
         return data
 
-    async def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
-        for task in self._readers:
-            task.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
+    def close(self) -> None:
+        for stream in self.streams.values():
+            if stream.transport is not None:
+                stream.transport.close()
 
 
 async def _connect_mesh(rank: int, ports: list[int], barrier: Barrier) -> tuple[TcpGroupTransport, asyncio.Server]:
     """Every rank listens on its port, waits until all do, and dials the ranks below it (saying who it is)."""
-    transport = TcpGroupTransport()
-    transport.expected = len(ports) - 1
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = int.from_bytes(await reader.readexactly(8), "little")
-        transport.add(f"peer{peer}", reader, writer)
-
-    server = await asyncio.start_server(accept, LOOPBACK, ports[rank], limit=2**24)
+    loop = asyncio.get_running_loop()
+    group = TcpGroupTransport(expected=len(ports) - 1)
+    server = await loop.create_server(lambda: _Stream(group), LOOPBACK, ports[rank])
     await asyncio.to_thread(barrier.wait)
     for other in range(rank):
-        reader, writer = await asyncio.open_connection(LOOPBACK, ports[other], limit=2**24)
-        writer.write(rank.to_bytes(8, "little"))
-        transport.add(f"peer{other}", reader, writer)
-    if transport.expected == 0:
-        transport.connected.set()
-    await asyncio.wait_for(transport.connected.wait(), SETUP_TIMEOUT_S)
-    return transport, server
+        _, stream = await loop.create_connection(lambda: _Stream(group), LOOPBACK, ports[other])
+        stream.peer = f"peer{other}"
+        group.add(stream.peer, stream)
+        await stream.send(rank.to_bytes(8, "little"))
+    await asyncio.wait_for(group.connected.wait(), SETUP_TIMEOUT_S)
+    return group, server
 
 
 def _tensor(numel: int, rank: int) -> torch.Tensor:
@@ -160,7 +199,7 @@ async def _butterfly(
                         times.setdefault(("hivewire", size, codec), []).append(time.perf_counter() - start)
         await asyncio.to_thread(barrier.wait)  # nobody closes while another still reads
     finally:
-        await transport.close()
+        transport.close()
         server.close()
     return times
 

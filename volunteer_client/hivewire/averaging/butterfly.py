@@ -14,8 +14,9 @@ bytes it sends, within the codec's error (compression.py) per hop.
 
 Failures never hang the round, which ends by ``reduce_timeout_s + gather_timeout_s`` at the latest:
 
-* a member that sends anything wrong (bad header, wrong round shard or size, dtype, NaN/Inf, a second
-  PART, oversize) is cut off: nothing more is read from it, its part is dropped, no RESULT goes to it;
+* a member that sends anything wrong (bad header, wrong shard or size, dtype, NaN/Inf, a second PART,
+  oversize) is cut off: nothing more is read from it, no RESULT goes to it, and its part is dropped
+  unless this member had already averaged it;
 * a member whose link is lost is cut off too, but a part it delivered before counts;
 * a PART that misses the reduce deadline is left out: the reducer re-normalises over the weights it has;
 * a shard whose reducer is cut off or misses the gather deadline keeps this member's own values. No
