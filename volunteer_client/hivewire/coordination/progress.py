@@ -183,7 +183,7 @@ class ProgressTracker:
         for work, name in ((self._consume(), "consume"), (self._announce(), "announce")):
             task = loop.create_task(work, name=f"hivewire-progress-{name}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
 
     async def close(self) -> None:
         """Stop both tasks; the view stays readable."""
@@ -305,6 +305,12 @@ class ProgressTracker:
             logger.debug("progress record not sent to %s: %s", peer, exc)
             return False
         return True
+
+    def _task_done(self, task: "asyncio.Task[None]") -> None:
+        """Forget a finished task; one that ended other than by close() is a bug, and gossip stopped."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("progress task %s failed; progress gossip stopped", task.get_name(), exc_info=task.exception())
 
     def _log_refusal(self, count: int, sender: str, reason: object) -> None:
         if count <= _LOGGED_REFUSALS or count % 1000 == 0:
