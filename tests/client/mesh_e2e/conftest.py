@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aioice.ice
@@ -45,6 +45,8 @@ TEST_MESH = MeshSettings(
     backoff=Backoff(base_s=0.3, max_s=2.0),
     link=LinkSettings(open_timeout_s=10.0),
 )
+# A peer that takes one link and declines every other offer.
+ONE_LINK = replace(TEST_MESH, max_neighbours=1, max_links=1)
 TEST_SIGNALING = SignalingSettings(
     backoff=signaling_client.Backoff(initial_s=0.2, max_s=1.0), request_timeout_s=5.0, start_timeout_s=10.0
 )
@@ -164,12 +166,12 @@ def join(server: Server, user: Account, identity: PeerIdentity, slug: str = RUN[
 @pytest.fixture
 async def spawn(
     server: Server, http: httpx.Client, organizer: Account
-) -> AsyncIterator[Callable[[str], Awaitable[Peer]]]:
+) -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
     """Factory: a new user joins the run with a new key and starts a mesh; all are closed at teardown."""
     peers: list[Peer] = []
     verifiers: list[CertificateVerifier] = []
 
-    async def make(name: str) -> Peer:
+    async def make(name: str, settings: MeshSettings = TEST_MESH) -> Peer:
         user = new_user(http, name)  # type: ignore[arg-type]
         identity = new_identity()
         joined = join(server, user, identity)
@@ -182,7 +184,7 @@ async def spawn(
             DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
             ice_servers=[],
             signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate, settings=TEST_SIGNALING),
-            settings=TEST_MESH,
+            settings=settings,
         )
         peer = Peer(name, identity, joined, mesh)
         peers.append(peer)

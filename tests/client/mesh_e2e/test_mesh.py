@@ -9,9 +9,9 @@ import time
 import pytest
 from aiortc import RTCPeerConnection
 
-from hivewire.mesh import Link, build_configuration
+from hivewire.mesh import Link, MeshError, build_configuration
 from hivewire.signaling import sign_description
-from tests.client.mesh_e2e.conftest import Peer, join, wait_full_mesh, wait_until
+from tests.client.mesh_e2e.conftest import ONE_LINK, Peer, join, wait_full_mesh, wait_until
 from tests.conftest import RUN
 
 TRANSFER_TIMEOUT_S = 60.0  # bound on a transfer; 20 MB takes a few seconds at aiortc's in-process speed
@@ -160,3 +160,17 @@ async def test_a_dead_neighbour_is_dropped_and_a_newcomer_takes_its_place(spawn)
     await wait_full_mesh([ada, cyd, dan])
     payload = os.urandom(2**20)
     assert await move(dan, ada, payload) == sha256(payload)
+
+
+@pytest.mark.slow
+async def test_a_full_peer_declines_further_offers(spawn) -> None:  # type: ignore[no-untyped-def]
+    ada = await spawn("ada", ONE_LINK)
+    bob = await spawn("bob")
+    await wait_until(lambda: ada.mesh.neighbours == [bob.id], "ada to take its one link")
+    cyd = await spawn("cyd")
+
+    await wait_until(lambda: ada.mesh.stats.offers_declined >= 1, "ada to decline cyd's offer")
+    assert ada.mesh.neighbours == [bob.id]
+    await wait_full_mesh([bob, cyd])
+    with pytest.raises(MeshError, match="max_links=1"):
+        await ada.mesh.connect(cyd.id)

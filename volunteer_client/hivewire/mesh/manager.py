@@ -88,6 +88,7 @@ class Mesh:
         self.peer_id = identity.peer_id
         self.settings = settings or MeshSettings()
         self.stats = MeshStats()
+        # Known peers, backoff and gossiped neighbour lists; public for diagnostics.
         self.table = NeighbourTable(self.peer_id, backoff=self.settings.backoff, clock=time.monotonic)
         self._verifier = verifier
         self._negotiator = Negotiator(
@@ -142,7 +143,11 @@ class Mesh:
             link = self._links.get(peer)
             if link is not None:
                 return link
-            attempt = self._attempts.get(peer) or self._start_offer(peer)
+            attempt = self._attempts.get(peer)
+            if attempt is None:
+                if len(self._links) + len(self._attempts) >= self.settings.max_links:
+                    raise MeshError(f"cannot link to {peer}: max_links={self.settings.max_links} reached")
+                attempt = self._start_offer(peer)
             assert attempt.task is not None
             await asyncio.wait({attempt.task})
             if attempt.task.cancelled() or isinstance(attempt.task.exception(), Superseded):

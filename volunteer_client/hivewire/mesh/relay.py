@@ -26,6 +26,7 @@ RELAY_TTL = 2  # sent: originator -> neighbour -> target, enough for two peers t
 MAX_GOSSIPED_NEIGHBOURS = 64  # entries in one neighbours record; more than any max_neighbours setting
 RELAY_RATE_PER_S = 10.0  # relays forwarded per second for one neighbour, sustained
 RELAY_BURST = 40  # ... and in a burst; beyond that they are dropped (signaling retries, floods do not)
+_LOGGED_DROPS = 10  # drops logged one by one, then every 1000th
 
 
 def _check_relay(record: Mapping[str, Any]) -> None:
@@ -139,4 +140,12 @@ class RelayPath:
             except LinkError as exc:
                 reason = str(exc)
         self.dropped += 1
-        logger.info("dropped a %s relayed by %s for %s: %s", record["kind"], neighbour, record["to"], reason)
+        if self.dropped <= _LOGGED_DROPS or self.dropped % 1000 == 0:  # a flooding neighbour cannot flood the log
+            logger.info(
+                "dropped a %s relayed by %s for %s (%d dropped so far): %s",
+                record["kind"],
+                neighbour,
+                record["to"],
+                self.dropped,
+                reason,
+            )
