@@ -7,6 +7,7 @@ MockTransport (tests/client/_fakes.py). The aiortc tests gather host candidates 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -48,7 +49,7 @@ def cert_verifier(jwks: JWKSServer) -> Iterator[CertificateVerifier]:
 def make_member(server_key: SigningKey) -> Callable[..., Member]:
     """A new volunteer of the run; claims given are overridden in its certificate (None leaves one out)."""
 
-    def make(**claims: object) -> Member:
+    def make(**claims: Any) -> Member:
         private_key = Ed25519PrivateKey.generate()
         identity = PeerIdentity(private_key=private_key, public_key_raw=raw_public(private_key))
         return Member(identity, server_key.mint(identity.public_key_raw, **claims))

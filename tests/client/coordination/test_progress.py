@@ -13,6 +13,7 @@ from hivewire.coordination import (
     Progress,
     ProgressSettings,
     ProgressTracker,
+    announce_interval_s,
     estimate_global_progress,
     sign_progress,
 )
@@ -87,6 +88,23 @@ def test_one_peer_claiming_a_far_epoch_does_not_move_the_run() -> None:
     )
     assert tie.epoch == 3  # a tie goes to the higher epoch: the peer that finished a round is not behind
     assert tie.eta_s == math.inf  # no throughput at that epoch
+
+
+@pytest.mark.parametrize(
+    ("eta_s", "peers", "expected_s"),
+    [(math.inf, 5, 10.0), (600.0, 5, 10.0), (0.1, 5, 0.5), (8.0, 1, 2.0), (9.0, 20, 7.5)],
+)
+def test_records_are_announced_more_often_near_the_target_within_bounds(
+    eta_s: float, peers: int, expected_s: float
+) -> None:
+    view = estimate_global_progress(
+        [record(f"p{index}", 1, 0, 0.0) for index in range(peers - 1)],
+        local=record("me", 1, 0, 1.0 / eta_s if eta_s != math.inf else 0.0),
+        target_batch_size=1,
+        now=NOW,
+    )
+    assert view.eta_s == pytest.approx(eta_s)
+    assert announce_interval_s(view, ProgressSettings(target_batch_size=1)) == pytest.approx(expected_s)
 
 
 async def test_gossip_reaches_peers_two_hops_away(make_tracker: MakeTracker) -> None:

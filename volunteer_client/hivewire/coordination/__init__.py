@@ -8,6 +8,7 @@ from hivewire.coordination.progress import (
     ProgressSettings,
     ProgressStats,
     ProgressTracker,
+    announce_interval_s,
     estimate_global_progress,
 )
 from hivewire.coordination.records import (
@@ -35,6 +36,7 @@ __all__ = [
     "RecordHandler",
     "RecordRefused",
     "RoundAbandoned",
+    "announce_interval_s",
     "estimate_global_progress",
     "form_groups",
     "group_of",

@@ -121,6 +121,18 @@ def estimate_global_progress(
     )
 
 
+def announce_interval_s(view: GlobalProgress, settings: ProgressSettings) -> float:
+    """hivemind's refresh period: a share of the ETA that shrinks as more peers may join, clipped.
+
+    Far from the target a record every ``max_announce_interval_s`` is enough; close to it the view must be
+    fresh, so that every peer sees the boundary at about the same moment.
+    """
+    n = view.num_peers
+    expected_peers = max(n + settings.expected_drift_peers, n * (1 + settings.expected_drift_rate))
+    interval = view.eta_s * n / expected_peers
+    return min(max(interval, settings.min_announce_interval_s), settings.max_announce_interval_s)
+
+
 @dataclass
 class ProgressStats:
     """Counters an operator reads to see what gossip carried and refused."""
@@ -233,19 +245,11 @@ class ProgressTracker:
             if view.ready:
                 return view
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self._interval(view))
+                await asyncio.wait_for(changed.wait(), min(view.eta_s, announce_interval_s(view, self.settings)))
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-
-    def _interval(self, view: GlobalProgress) -> float:
-        """hivemind's refresh period: a share of the ETA that shrinks as more peers may join, clipped."""
-        settings = self.settings
-        n = view.num_peers
-        expected_peers = max(n + settings.expected_drift_peers, n * (1 + settings.expected_drift_rate))
-        interval = view.eta_s * n / expected_peers
-        return min(max(interval, settings.min_announce_interval_s), settings.max_announce_interval_s)
 
     def _on_record(self, sender: str, record: dict[str, Any]) -> None:
         try:
@@ -296,7 +300,7 @@ class ProgressTracker:
                 self._send(peer, record)
             self.stats.announced += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._announce_now.wait(), self._interval(self.view()))
+                await asyncio.wait_for(self._announce_now.wait(), announce_interval_s(self.view(), self.settings))
 
     def _send(self, peer: str, record: Mapping[str, Any]) -> bool:
         try:
