@@ -1,9 +1,7 @@
-"""Join and renew: admit a user's peer key to a run and hand it a certificate, TURN credentials and peers."""
+"""Join and renew: admit a user's peer key to a run and hand it a certificate and TURN credentials.
+Which peers are live is the signaling hub's knowledge, so the route adds `initial_peers`."""
 
 from __future__ import annotations
-
-import random
-from datetime import timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
@@ -34,21 +32,6 @@ def signaling_url(settings: Settings, slug: str) -> str:
     return f"{base}/api/runs/{slug}/signal"
 
 
-async def live_peers(session: AsyncSession, *, run: Run, settings: Settings, exclude: str) -> list[str]:
-    """A fresh random sample of peers seen recently and holding an unexpired certificate."""
-    now = utcnow()
-    rows = await session.scalars(
-        select(Peer.peer_id).where(
-            Peer.run_id == run.id,
-            Peer.peer_id != exclude,
-            Peer.last_seen_at > now - timedelta(seconds=settings.peer_live_seconds),
-            Peer.certificate_expires_at > now,
-        )
-    )
-    peers = list(rows)
-    return random.sample(peers, min(len(peers), settings.initial_peers_count))
-
-
 async def _issue(session: AsyncSession, *, settings: Settings, run: Run, user: User, peer: Peer) -> JoinResponse:
     minted = await certificates.mint(
         session,
@@ -75,7 +58,7 @@ async def _issue(session: AsyncSession, *, settings: Settings, run: Run, user: U
             expires_at_unix=int(minted.expires_at.timestamp()),
         ),
         run=RunSpec.model_validate(run),
-        initial_peers=await live_peers(session, run=run, settings=settings, exclude=peer.peer_id),
+        initial_peers=[],  # filled by the API layer from the signaling hub: live means connected
         signaling_url=signaling_url(settings, run.slug),
     )
 

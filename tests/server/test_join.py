@@ -91,15 +91,26 @@ def test_turn_credentials_follow_coturns_shared_secret_scheme(
     assert turn["credential"] == base64.b64encode(digest).decode()
 
 
-def test_initial_peers_are_other_live_peers(client: TestClient, volunteer: Account, run_slug: str) -> None:
+def test_initial_peers_are_the_peers_connected_to_signaling(
+    client: TestClient, volunteer: Account, run_slug: str
+) -> None:
     first = join(client, volunteer, run_slug)
     second = join(client, new_user(client, "wendy"), run_slug)
-    assert second["initial_peers"] == [first["peer_id"]]
-    third = join(client, new_user(client, "xavier"), run_slug)
-    assert sorted(third["initial_peers"]) == sorted([first["peer_id"], second["peer_id"]])
-    again = join(client, volunteer, run_slug)  # a second key of the same user is a separate peer
-    assert again["peer_id"] not in again["initial_peers"]
-    assert len(again["initial_peers"]) == 3
+    assert second["initial_peers"] == [], "a peer that joined but never connected is not live"
+    signal_url = f"/api/runs/{run_slug}/signal"
+    with (
+        client.websocket_connect(signal_url, headers={"Authorization": f"Bearer {first['certificate']}"}) as one,
+        client.websocket_connect(signal_url, headers={"Authorization": f"Bearer {second['certificate']}"}) as two,
+    ):
+        assert one.receive_json()["type"] == two.receive_json()["type"] == "welcome"
+        third = join(client, new_user(client, "xavier"), run_slug)
+        assert sorted(third["initial_peers"]) == sorted([first["peer_id"], second["peer_id"]])
+        again = join(client, volunteer, run_slug, None)  # a second key of the same user is a separate peer
+        assert sorted(again["initial_peers"]) == sorted([first["peer_id"], second["peer_id"]])
+        renewed = client.post(
+            f"/api/runs/{run_slug}/renew", json={"certificate": first["certificate"]}, headers=volunteer.headers
+        )
+        assert renewed.json()["initial_peers"] == [second["peer_id"]], "never itself"
 
 
 def test_renew_keeps_the_peer_and_issues_a_new_certificate(

@@ -8,22 +8,18 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.testclient import WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 
 from hivewire_server.core import keys
 from hivewire_server.core.config import Settings
-from hivewire_server.core.timeutil import utcnow
-from hivewire_server.models import Peer
 from tests.conftest import RUN, Account, make_settings, new_user, run_in_app
 from tests.server.test_join import join
 
@@ -298,13 +294,9 @@ def test_a_silent_peer_is_disconnected_after_three_heartbeats(
         assert closed(socket) == (4005, "no message for 3 s; send a heartbeat every 1 s")
 
 
-def test_a_connected_peer_counts_as_live_for_join(client: TestClient, volunteer: Account, run_slug: str) -> None:
+def test_a_peer_is_live_for_join_exactly_while_connected(client: TestClient, volunteer: Account, run_slug: str) -> None:
     connected_peer = join(client, volunteer, run_slug)
-
-    async def age(session: AsyncSession) -> None:
-        await session.execute(update(Peer).values(last_seen_at=utcnow() - timedelta(hours=1)))
-
-    run_in_app(client, age)
     assert join(client, volunteer, run_slug)["initial_peers"] == []
     with connected(client, run_slug, connected_peer["certificate"]):
         assert connected_peer["peer_id"] in join(client, volunteer, run_slug)["initial_peers"]
+    assert join(client, volunteer, run_slug)["initial_peers"] == []
