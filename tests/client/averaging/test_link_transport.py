@@ -6,7 +6,8 @@ Host candidates are restricted to loopback for this module, and every SDP is che
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ from hivewire.averaging import (
     RoundReport,
     butterfly_allreduce,
 )
+from hivewire.averaging.messages import KIND_RESULT
+from hivewire.averaging.transport import GroupTransport
 from hivewire.mesh import Link, build_configuration, restrict_host_addresses
-from tests.client.averaging.conftest import tensors, weighted_mean
+from tests.client.averaging._support import tensors, weighted_mean
 
 LOOPBACK = "127.0.0.1"
 MEMBERS = ("a", "b", "c")
@@ -86,7 +89,7 @@ async def _round(
 
 
 async def test_three_members_over_links_get_the_exact_weighted_mean(mesh: dict[str, dict[str, Link]]) -> None:
-    values = tensors(MEMBERS, 300_001)  # parts of 0.6 to 1.2 MB: several frames each
+    values = tensors(MEMBERS, 150_001)  # parts of 150 to 300 kB: more than one 256 kB frame for a
     results = await _round(mesh, values, MEMBERS, NoCompression())
     expected = weighted_mean(values, WEIGHTS)
     for result, report in results.values():
@@ -112,3 +115,41 @@ async def test_member_whose_links_close_is_excluded_and_the_others_finish(mesh: 
 async def test_unknown_member_is_unreachable(mesh: dict[str, dict[str, Link]]) -> None:
     with pytest.raises(PeerUnreachable, match="no link to group member z"):
         await LinkGroupTransport(mesh["a"]).send("z", b"x")
+
+
+async def test_member_killed_mid_round_over_links(mesh: dict[str, dict[str, Link]]) -> None:
+    """c sends its parts, then its links close as it starts sending results: a and b finish without it."""
+    values = tensors(MEMBERS, 30_000)
+    throughputs = {"a": 2.0, "b": 1.0, "c": 1.0}
+    settings = ButterflySettings(reduce_timeout_s=10.0, gather_timeout_s=10.0)
+
+    class DiesBeforeResults(LinkGroupTransport):
+        async def send(self, peer: str, data: bytes) -> None:
+            if data[5] == KIND_RESULT:
+                await asyncio.gather(*(link.close() for link in mesh["c"].values()))
+            await super().send(peer, data)
+
+    def average(member: str, transport: GroupTransport) -> Coroutine[Any, Any, tuple[torch.Tensor, RoundReport]]:
+        return butterfly_allreduce(
+            values[member],
+            me=member,
+            throughputs=throughputs,
+            weight=WEIGHTS[member],
+            round_id="killed",
+            transport=transport,
+            codec=NoCompression(),
+            settings=settings,
+        )
+
+    results = await asyncio.gather(
+        average("a", LinkGroupTransport(mesh["a"])),
+        average("b", LinkGroupTransport(mesh["b"])),
+        average("c", DiesBeforeResults(mesh["c"])),
+    )
+    everyone = weighted_mean(values, WEIGHTS)
+    for member, (result, report) in zip(("a", "b"), results[:2], strict=True):
+        assert report.excluded["c"].cause == Cause.CONNECTION_LOST
+        assert report.kept_local == ("c",)
+        assert report.duration_s < settings.reduce_timeout_s
+        assert torch.equal(result[:22_500], everyone[:22_500])  # a's and b's shards, c's parts included
+        assert torch.equal(result[22_500:], values[member][22_500:])
