@@ -33,6 +33,7 @@ from hivewire.signaling import client as signaling_client
 from tests.conftest import RUN, Account, new_user
 
 LOOPBACK = "127.0.0.1"
+SLUG = str(RUN["slug"])
 SERVER_START_TIMEOUT_S = 20.0  # a server that does not answer /healthz by then failed to start
 SERVER_STOP_TIMEOUT_S = 10.0  # then it is killed
 WAIT_TIMEOUT_S = 20.0  # bound on every wait for the mesh to reach a state; it normally takes a second or two
@@ -152,21 +153,22 @@ class Peer:
         return self.identity.peer_id
 
 
+Spawn = Callable[..., Awaitable[Peer]]  # spawn(name, settings=TEST_MESH) -> a started peer
+
+
 def new_identity() -> PeerIdentity:
     key = Ed25519PrivateKey.generate()
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return PeerIdentity(private_key=key, public_key_raw=raw)
 
 
-def join(server: Server, user: Account, identity: PeerIdentity, slug: str = RUN["slug"]) -> JoinResponse:
+def join(server: Server, user: Account, identity: PeerIdentity, slug: str = SLUG) -> JoinResponse:
     with HivewireAPI(server.url, user.token) as api:
         return api.join(slug, identity.peer_key)
 
 
 @pytest.fixture
-async def spawn(
-    server: Server, http: httpx.Client, organizer: Account
-) -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
+async def spawn(server: Server, http: httpx.Client, organizer: Account) -> AsyncIterator[Spawn]:
     """Factory: a new user joins the run with a new key and starts a mesh; all are closed at teardown."""
     peers: list[Peer] = []
     verifiers: list[CertificateVerifier] = []
@@ -181,7 +183,7 @@ async def spawn(
         mesh = Mesh(
             identity,
             lambda: joined.certificate,
-            DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
+            DescriptionVerifier(certificates, run=SLUG, self_peer_id=identity.peer_id),
             ice_servers=[],
             signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate, settings=TEST_SIGNALING),
             settings=settings,
@@ -208,8 +210,8 @@ async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float 
 
 async def wait_full_mesh(peers: list[Peer]) -> None:
     for peer in peers:
-        others = {other.id for other in peers if other is not peer}
-        await wait_until(
-            lambda peer=peer, others=others: others <= set(peer.mesh.neighbours),  # type: ignore[misc]
-            f"{peer.name} to link to every other peer",
-        )
+
+        def linked_to_all(peer: Peer = peer) -> bool:
+            return {other.id for other in peers if other is not peer} <= set(peer.mesh.neighbours)
+
+        await wait_until(linked_to_all, f"{peer.name} to link to every other peer")

@@ -6,13 +6,14 @@ import hashlib
 import os
 import time
 
+import httpx
 import pytest
 from aiortc import RTCPeerConnection
 
 from hivewire.mesh import Link, MeshError, build_configuration
 from hivewire.signaling import sign_description
-from tests.client.mesh_e2e.conftest import ONE_LINK, Peer, join, wait_full_mesh, wait_until
-from tests.conftest import RUN
+from tests.client.mesh_e2e.conftest import ONE_LINK, Peer, Server, Spawn, join, wait_full_mesh, wait_until
+from tests.conftest import RUN, Account
 
 TRANSFER_TIMEOUT_S = 60.0  # bound on a transfer; 20 MB takes a few seconds at aiortc's in-process speed
 CONNECT_TIMEOUT_S = 20.0  # bound on connect(); it normally takes well under a second on loopback
@@ -35,14 +36,14 @@ def links_of(peer: Peer) -> dict[str, Link | None]:
     return {neighbour: peer.mesh.link(neighbour) for neighbour in peer.mesh.neighbours}
 
 
-async def three_peers(spawn) -> list[Peer]:  # type: ignore[no-untyped-def]
+async def three_peers(spawn: Spawn) -> list[Peer]:
     peers = [await spawn(name) for name in ("ada", "bob", "cyd")]
     await wait_full_mesh(peers)
     return peers
 
 
 @pytest.mark.slow
-async def test_three_peers_mesh_through_the_server_and_move_20_mb_intact(spawn) -> None:  # type: ignore[no-untyped-def]
+async def test_three_peers_mesh_through_the_server_and_move_20_mb_intact(spawn: Spawn) -> None:
     peers = await three_peers(spawn)
     ada, bob, cyd = peers
     big, small = os.urandom(20 * 2**20), os.urandom(2**20)
@@ -54,7 +55,9 @@ async def test_three_peers_mesh_through_the_server_and_move_20_mb_intact(spawn) 
 
 
 @pytest.mark.slow
-async def test_with_the_server_stopped_a_new_link_forms_through_a_shared_neighbour(server, spawn) -> None:  # type: ignore[no-untyped-def]
+async def test_with_the_server_stopped_a_new_link_forms_through_a_shared_neighbour(
+    server: Server, spawn: Spawn
+) -> None:
     ada, bob, cyd = await three_peers(spawn)
     await wait_until(lambda: ada.mesh.table.relays_for(cyd.id, [bob.id]) == [bob.id], "bob to tell ada it links to cyd")
     server.stop()
@@ -74,19 +77,17 @@ async def test_with_the_server_stopped_a_new_link_forms_through_a_shared_neighbo
 
 
 @pytest.mark.slow
-async def test_links_survive_a_server_restart_and_signaling_reconnects(server, spawn) -> None:  # type: ignore[no-untyped-def]
+async def test_links_survive_a_server_restart_and_signaling_reconnects(server: Server, spawn: Spawn) -> None:
     ada, bob, cyd = peers = await three_peers(spawn)
     links = {peer.name: links_of(peer) for peer in peers}
     payload = os.urandom(2**20)
 
     server.stop()
-    for peer in peers:
-        await wait_until(lambda peer=peer: not peer.mesh.signaling_connected, f"{peer.name} to see the server go")
+    await wait_until(lambda: not any(peer.mesh.signaling_connected for peer in peers), "every peer to see it go")
     assert await move(ada, bob, payload) == sha256(payload)
 
     server.start()
-    for peer in peers:
-        await wait_until(lambda peer=peer: peer.mesh.signaling_connected, f"{peer.name} to reconnect to signaling")
+    await wait_until(lambda: all(peer.mesh.signaling_connected for peer in peers), "every peer to reconnect")
     assert await move(bob, cyd, payload) == sha256(payload)
     assert {peer.name: links_of(peer) for peer in peers} == links, "no link was lost or replaced"
 
@@ -97,25 +98,33 @@ async def test_links_survive_a_server_restart_and_signaling_reconnects(server, s
     assert await move(cyd, ada, payload) == sha256(payload)
 
 
+@pytest.fixture
+def other_run(http: httpx.Client, organizer: Account) -> str:
+    """A second run of the same server."""
+    response = http.post("/api/runs", json={**RUN, "slug": "other-run", "name": "Other run"}, headers=organizer.headers)
+    assert response.status_code == 201, response.text
+    return "other-run"
+
+
 @pytest.mark.slow
-async def test_forged_offers_through_a_relay_are_refused(server, http, organizer, spawn) -> None:  # type: ignore[no-untyped-def]
+async def test_forged_offers_through_a_relay_are_refused(
+    server: Server, organizer: Account, other_run: str, spawn: Spawn
+) -> None:
     ada, bob, cyd = await three_peers(spawn)
     ada_link_at_cyd = cyd.mesh.link(ada.id)
     opened = cyd.mesh.stats.links_opened
-    # A second run, so that ada's own key holds a certificate that is genuine but for another run.
-    other = {**RUN, "slug": "other-run", "name": "Other run"}
-    assert http.post("/api/runs", json=other, headers=organizer.headers).status_code == 201
-    other_run_certificate = join(server, organizer, ada.identity, slug="other-run").certificate
+    # ada's own key, with a certificate that is genuine but for another run
+    other_run_certificate = join(server, organizer, ada.identity, slug=other_run).certificate
 
     sdp = await fresh_offer_sdp()
     tampered = sign_description(
         ada.identity, ada.joined.certificate, sender=ada.id, receiver=cyd.id, kind="offer", sdp=sdp, now=time.time()
     )
     tampered["sdp"] = flip_fingerprint(sdp)
-    other_run = sign_description(
+    for_other_run = sign_description(
         ada.identity, other_run_certificate, sender=ada.id, receiver=cyd.id, kind="offer", sdp=sdp, now=time.time()
     )
-    for payload in (tampered, other_run):
+    for payload in (tampered, for_other_run):
         # ada hands the offer to bob as a relay record; bob forwards it to cyd, naming ada as its sender.
         relay = {"type": "relay", "to": cyd.id, "from": ada.id, "kind": "offer", "payload": payload, "ttl": 2}
         to_bob = ada.mesh.link(bob.id)
@@ -147,13 +156,12 @@ def flip_fingerprint(sdp: str) -> str:
 
 
 @pytest.mark.slow
-async def test_a_dead_neighbour_is_dropped_and_a_newcomer_takes_its_place(spawn) -> None:  # type: ignore[no-untyped-def]
+async def test_a_dead_neighbour_is_dropped_and_a_newcomer_takes_its_place(spawn: Spawn) -> None:
     ada, bob, cyd = await three_peers(spawn)
     await bob.mesh.close()  # bob's process goes away: its channels close under ada and cyd
 
-    for peer in (ada, cyd):
-        await wait_until(lambda peer=peer: bob.id not in peer.mesh.neighbours, f"{peer.name} to drop bob")
-        assert peer.mesh.stats.links_lost >= 1
+    await wait_until(lambda: bob.id not in ada.mesh.neighbours + cyd.mesh.neighbours, "ada and cyd to drop bob")
+    assert ada.mesh.stats.links_lost >= 1 and cyd.mesh.stats.links_lost >= 1
     await wait_until(lambda: bob.id not in ada.mesh.table.known(), "the server to report bob gone")
 
     dan = await spawn("dan")
@@ -163,7 +171,7 @@ async def test_a_dead_neighbour_is_dropped_and_a_newcomer_takes_its_place(spawn)
 
 
 @pytest.mark.slow
-async def test_a_full_peer_declines_further_offers(spawn) -> None:  # type: ignore[no-untyped-def]
+async def test_a_full_peer_declines_further_offers(spawn: Spawn) -> None:
     ada = await spawn("ada", ONE_LINK)
     bob = await spawn("bob")
     await wait_until(lambda: ada.mesh.neighbours == [bob.id], "ada to take its one link")
