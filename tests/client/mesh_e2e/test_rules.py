@@ -7,7 +7,7 @@ import pytest
 
 from hivewire.mesh import ControlCodec, ControlRecordError
 from hivewire.mesh.neighbours import Backoff, NeighbourTable, our_offer_wins
-from hivewire.mesh.paths import Signal
+from hivewire.mesh.paths import NoSignalingPath, Signal
 from hivewire.mesh.relay import MESH_SCHEMAS, RELAY_BURST, RelayPath
 
 ME, ALICE, BOB, CAROL = ("p" + letter * 24 for letter in "mabc")
@@ -128,6 +128,20 @@ def test_a_relay_names_the_neighbour_it_heard_from_and_spends_one_hop() -> None:
 
     relay.on_record(BOB, relay_record(to=ME, **{"from": CAROL}, ttl=1))
     assert delivered == [Signal(sender=CAROL, kind="offer", payload={"sdp": "v=0"}, via=BOB)]
+
+
+async def test_a_reply_goes_back_through_the_neighbour_that_relayed_the_signal() -> None:
+    links = {ALICE: RecordingLink(ALICE), BOB: RecordingLink(BOB)}
+    relay = relay_path(links, [], Clock())
+    with pytest.raises(NoSignalingPath, match="no neighbour"):
+        await relay.send_signal(CAROL, "answer", {})
+
+    relay.on_record(BOB, relay_record(to=ME, **{"from": CAROL}, ttl=1))
+    await relay.send_signal(CAROL, "answer", {"sdp": "v=0"})
+    assert links[BOB].sent == [relay_record(to=CAROL, **{"from": ME}, kind="answer")]
+    relay.forget(BOB)
+    with pytest.raises(NoSignalingPath):
+        await relay.send_signal(CAROL, "answer", {})
 
 
 def test_relaying_for_one_neighbour_is_rate_limited() -> None:

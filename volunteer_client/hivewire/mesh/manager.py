@@ -30,7 +30,7 @@ from hivewire.mesh.errors import LinkError, MeshError
 from hivewire.mesh.link import Link, LinkSettings
 from hivewire.mesh.negotiation import Attempt, Negotiator, Superseded
 from hivewire.mesh.neighbours import Backoff, NeighbourTable, our_offer_wins
-from hivewire.mesh.paths import NoSignalingPath, ServerPath, Signal
+from hivewire.mesh.paths import NoSignalingPath, ServerPath, Signal, SignalingPath
 from hivewire.mesh.relay import MAX_GOSSIPED_NEIGHBOURS, RelayPath
 from hivewire.signaling import SignalingAuthError, SignalingClient
 from hivewire.signaling.signed import DescriptionVerifier, VerifiedDescription
@@ -245,21 +245,17 @@ class Mesh:
             self._wake.set()
 
     async def _send(self, peer: str, kind: str, payload: Mapping[str, Any], via: str | None) -> None:
-        """Send through the server, else a relaying neighbour; ``via`` a neighbour puts that one first."""
-        order = ["relay", "server"] if via is not None and via != "server" else ["server", "relay"]
+        """Send through the server, else through neighbours; a reply to a relayed signal tries them first."""
+        paths: list[SignalingPath] = [self._server] if self._server is not None else []
+        paths.insert(0 if via not in (None, ServerPath.name) else len(paths), self.relay)
         problems = []
-        for name in order:
+        for path in paths:
             try:
-                if name == "relay":
-                    await self.relay.send_signal(peer, kind, payload, via=via)
-                elif self._server is not None:
-                    await self._server.send_signal(peer, kind, payload)
-                else:
-                    continue
+                await path.send_signal(peer, kind, payload)
             except NoSignalingPath as exc:
-                problems.append(f"{name}: {exc}")
+                problems.append(f"{path.name}: {exc}")
                 continue
-            self.stats.signals_sent[name] += 1
+            self.stats.signals_sent[path.name] += 1
             return
         raise NoSignalingPath(f"cannot send {kind} to {peer}: " + "; ".join(problems))
 

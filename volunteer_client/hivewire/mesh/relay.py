@@ -26,6 +26,7 @@ RELAY_TTL = 2  # sent: originator -> neighbour -> target, enough for two peers t
 MAX_GOSSIPED_NEIGHBOURS = 64  # entries in one neighbours record; more than any max_neighbours setting
 RELAY_RATE_PER_S = 10.0  # relays forwarded per second for one neighbour, sustained
 RELAY_BURST = 40  # ... and in a burst; beyond that they are dropped (signaling retries, floods do not)
+MAX_REMEMBERED_ROUTES = 1024  # peers whose last relaying neighbour we remember, for replies
 _LOGGED_DROPS = 10  # drops logged one by one, then every 1000th
 
 
@@ -93,13 +94,15 @@ class RelayPath:
         self._deliver = deliver
         self._clock = clock
         self._buckets: dict[str, _TokenBucket] = {}
+        self._heard_via: dict[str, str] = {}  # peer -> the neighbour that last relayed a signal from it
         self.forwarded = 0
         self.dropped = 0
 
-    async def send_signal(self, to: str, kind: str, payload: Mapping[str, Any], *, via: str | None = None) -> None:
-        """Send through ``via`` if given and linked, else through a neighbour that links to ``to``."""
+    async def send_signal(self, to: str, kind: str, payload: Mapping[str, Any]) -> None:
+        """Send through the neighbour that last relayed from ``to``, else one that says it links to ``to``."""
         links = self._links()
-        relays = [via] if via is not None and via in links else []
+        heard_via = self._heard_via.get(to)
+        relays = [heard_via] if heard_via is not None and heard_via in links else []
         relays += [peer for peer in self._table.relays_for(to, links) if peer not in relays]
         record = {"type": "relay", "to": to, "from": self._self_id, "kind": kind, "payload": dict(payload)}
         for relay in relays:
@@ -115,12 +118,18 @@ class RelayPath:
     def forget(self, neighbour: str) -> None:
         """Drop per-neighbour state once its link is gone."""
         self._buckets.pop(neighbour, None)
+        for peer in [peer for peer, via in self._heard_via.items() if via == neighbour]:
+            del self._heard_via[peer]
 
     def on_record(self, neighbour: str, record: Mapping[str, Any]) -> None:
         """A validated relay record from ``neighbour``: deliver it to us or forward it one hop."""
         if record["to"] == self._self_id:
             # ``from`` was set by the neighbour that handed it over (or is the neighbour itself).
-            self._deliver(Signal(sender=record["from"], kind=record["kind"], payload=record["payload"], via=neighbour))
+            sender = record["from"]
+            if sender not in self._heard_via and len(self._heard_via) >= MAX_REMEMBERED_ROUTES:
+                del self._heard_via[next(iter(self._heard_via))]  # the oldest route
+            self._heard_via[sender] = neighbour
+            self._deliver(Signal(sender=sender, kind=record["kind"], payload=record["payload"], via=neighbour))
             return
         bucket = self._buckets.setdefault(neighbour, _TokenBucket(RELAY_RATE_PER_S, RELAY_BURST, self._clock))
         forwarded = Relay.model_validate(record).forwarded(neighbour)
