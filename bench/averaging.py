@@ -96,7 +96,7 @@ class _Stream(asyncio.BufferedProtocol):
         self.queue.put_nowait(None)
         self.writable.set()
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         assert self.transport is not None
         if self.transport.is_closing():
             raise PeerUnreachable(f"connection to {self.peer} closed")
@@ -120,7 +120,7 @@ class TcpGroupTransport:
         if len(self.streams) == self.expected:
             self.connected.set()
 
-    async def send(self, peer: str, data: bytes) -> None:
+    async def send(self, peer: str, data: bytes | bytearray) -> None:
         await self.streams[peer].send(data)
 
     async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:

@@ -91,12 +91,14 @@ def part_message(
     """A PART as an honest member would send it to ``reducer``, with fields a test can falsify."""
     partition = plan_partition(numel, throughputs)
     index = partition.index(reducer)
-    body = (codec or NoCompression()).encode(values[partition.slice(index)])
-    return encode_message(
-        KIND_PART,
-        shard=index if shard is None else shard,
-        tag=round_tag(round_id),
-        weight=weight,
-        contributors=0,
-        body=body,
+    return bytes(
+        encode_message(
+            KIND_PART,
+            shard=index if shard is None else shard,
+            tag=round_tag(round_id),
+            weight=weight,
+            contributors=0,
+            codec=codec or NoCompression(),
+            values=values[partition.slice(index)],
+        )
     )

@@ -138,7 +138,7 @@ class _DiesBeforeResults:
     def __init__(self, hub: InProcessHub, name: str) -> None:
         self.hub, self.name, self.inner = hub, name, hub.transport(name)
 
-    async def send(self, peer: str, data: bytes) -> None:
+    async def send(self, peer: str, data: bytes | bytearray) -> None:
         if parse_message(data, group_size=3, max_weight=1e12).kind == KIND_RESULT:
             self.hub.close(self.name)
         await self.inner.send(peer, data)

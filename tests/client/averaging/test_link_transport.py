@@ -124,7 +124,7 @@ async def test_member_killed_mid_round_over_links(mesh: dict[str, dict[str, Link
     settings = ButterflySettings(reduce_timeout_s=10.0, gather_timeout_s=10.0)
 
     class DiesBeforeResults(LinkGroupTransport):
-        async def send(self, peer: str, data: bytes) -> None:
+        async def send(self, peer: str, data: bytes | bytearray) -> None:
             if data[5] == KIND_RESULT:
                 await asyncio.gather(*(link.close() for link in mesh["c"].values()))
             await super().send(peer, data)

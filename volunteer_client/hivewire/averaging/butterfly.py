@@ -37,6 +37,7 @@ import torch
 
 from hivewire.averaging.compression import Codec
 from hivewire.averaging.errors import PartRejected, PeerUnreachable
+from hivewire.averaging.messages import HEADER as MESSAGE_HEADER
 from hivewire.averaging.messages import KIND_PART, KIND_RESULT, encode_message, parse_message, round_tag
 from hivewire.averaging.partition import Partition, plan_partition
 from hivewire.averaging.transport import GroupTransport
@@ -187,21 +188,26 @@ class _Round:
                 task.cancel()
         return self._finish()
 
-    def _encode_part(self, peer: str) -> Callable[[], bytes]:
+    def _encode_part(self, peer: str) -> Callable[[], bytes | bytearray]:
         shard = self.partition.index(peer)
 
-        def encode() -> bytes:
-            body = self.codec.encode(self.flat[self.partition.slice(shard)])
+        def encode() -> bytearray:
             return encode_message(
-                KIND_PART, shard=shard, tag=self.tag, weight=self.parts[self.me][0], contributors=0, body=body
+                KIND_PART,
+                shard=shard,
+                tag=self.tag,
+                weight=self.parts[self.me][0],
+                contributors=0,
+                codec=self.codec,
+                values=self.flat[self.partition.slice(shard)],
             )
 
         return encode
 
-    def _spawn_send(self, tasks: asyncio.TaskGroup, peer: str, message: Callable[[], bytes]) -> None:
+    def _spawn_send(self, tasks: asyncio.TaskGroup, peer: str, message: Callable[[], bytes | bytearray]) -> None:
         self.sends[tasks.create_task(self._send(peer, message))] = peer
 
-    async def _send(self, peer: str, message: Callable[[], bytes]) -> None:
+    async def _send(self, peer: str, message: Callable[[], bytes | bytearray]) -> None:
         data = message()
         try:
             await self.transport.send(peer, data)
@@ -285,14 +291,20 @@ class _Round:
         accumulator = self.parts[order[0]][1].to(torch.float64, copy=True).mul_(scales[0])
         for member, scale in zip(order[1:], scales[1:], strict=True):
             accumulator.add_(self.parts[member][1], alpha=scale)  # float64: each wᵢ·xᵢ rounded, then added
-        body = self.codec.encode(accumulator.div_(divisor).to(self.flat.dtype))
         mask = sum(1 << self.partition.index(member) for member in order)
+        message = encode_message(
+            KIND_RESULT,
+            shard=self.index,
+            tag=self.tag,
+            weight=total,
+            contributors=mask,
+            codec=self.codec,
+            values=accumulator.div_(divisor).to(self.flat.dtype),
+        )
         # Decode our own bytes so every member holds the very same values for this shard.
+        body = memoryview(message)[MESSAGE_HEADER.size :]
         mean = self.codec.decode(body, expected_numel=self.my_size, expected_dtype=self.flat.dtype)
         self.results[self.me] = (mean, mask, total)
-        message = encode_message(
-            KIND_RESULT, shard=self.index, tag=self.tag, weight=total, contributors=mask, body=body
-        )
         for peer in self.others:
             if peer not in self.cut:
                 self._spawn_send(tasks, peer, lambda: message)

@@ -10,7 +10,7 @@ Each message is one 32-byte header, little-endian, followed by an encoded part (
   ``contributors`` the bit mask (bit i = sorted member i) of whose parts went into it.
 
 ``round_tag`` (8 bytes of BLAKE2b of the round id) tells this round's messages from a late one of an earlier
-round on the same link. Torch-free apart from the part's codec.
+round on the same link.
 """
 
 import hashlib
@@ -18,6 +18,9 @@ import math
 import struct
 from dataclasses import dataclass
 
+import torch
+
+from hivewire.averaging.compression import Codec
 from hivewire.averaging.errors import PartRejected
 
 MAGIC = b"HWAV"
@@ -45,8 +48,13 @@ class Message:
     body: memoryview
 
 
-def encode_message(kind: int, *, shard: int, tag: bytes, weight: float, contributors: int, body: bytes) -> bytes:
-    return HEADER.pack(MAGIC, MESSAGE_VERSION, kind, shard, tag, weight, contributors) + body
+def encode_message(
+    kind: int, *, shard: int, tag: bytes, weight: float, contributors: int, codec: Codec, values: torch.Tensor
+) -> bytearray:
+    """One message: this header, then ``values`` encoded by ``codec``, in a single buffer."""
+    data = codec.encode(values, reserve=HEADER.size)
+    HEADER.pack_into(data, 0, MAGIC, MESSAGE_VERSION, kind, shard, tag, weight, contributors)
+    return data
 
 
 def parse_message(data: bytes | bytearray, *, group_size: int, max_weight: float) -> Message:

@@ -17,7 +17,7 @@ from hivewire.mesh import Link, LinkError
 class GroupTransport(Protocol):
     """Message transport among the members of one averaging group; messages arrive whole and in order."""
 
-    async def send(self, peer: str, data: bytes) -> None:
+    async def send(self, peer: str, data: bytes | bytearray) -> None:
         """Send one message to ``peer``; PeerUnreachable when it cannot be reached any more."""
         ...
 
@@ -43,7 +43,7 @@ class LinkGroupTransport:
         except KeyError:
             raise PeerUnreachable(f"no link to group member {peer}; links to: {sorted(self._links)}") from None
 
-    async def send(self, peer: str, data: bytes) -> None:
+    async def send(self, peer: str, data: bytes | bytearray) -> None:
         try:
             await self._link(peer).send_payload(data)
         except LinkError as exc:
@@ -106,7 +106,7 @@ class InProcessTransport:
         self._hub = hub
         self.me = me
 
-    async def send(self, peer: str, data: bytes) -> None:
+    async def send(self, peer: str, data: bytes | bytearray) -> None:
         self._hub._queue(self.me, peer).put_nowait(bytes(data))
 
     async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:
