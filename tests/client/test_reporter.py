@@ -4,6 +4,7 @@ while the server is down wait on disk, survive a client restart, arrive once it 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import threading
@@ -158,6 +159,9 @@ def test_reports_the_server_refuses_leave_the_queue(
 
 def test_the_queue_is_bounded_and_skips_a_torn_line(tmp_path: Path) -> None:
     identity = new_identity()
+    with pytest.raises(ValueError, match="loss must be a finite number"):
+        sign_report(identity, epoch=0, samples=1, loss=math.nan, samples_per_second=1.0, link_types=LINKS,
+                    device_kind="cpu", now=1.0)  # fmt: skip
     path = tmp_path / "reports.jsonl"
     reports = [
         sign_report(

@@ -12,6 +12,7 @@ import base64
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -75,6 +76,9 @@ def sign_report(
     client_version: str | None = None,
 ) -> dict[str, Any]:
     """A report with a fresh `report_id`, signed over the documented canonical bytes."""
+    for name, value in (("loss", loss), ("samples_per_second", samples_per_second), ("time", now)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, not {value}")
     body: dict[str, Any] = {
         "report_id": str(uuid.uuid4()),
         "peer_id": identity.peer_id,
@@ -243,7 +247,9 @@ class Reporter:
             return len(self._queue)
 
     def report(self, *, epoch: int, samples: int, loss: float, samples_per_second: float, link_types: LinkTypes) -> str:
-        """Signs a report of the samples processed since the previous one and queues it; returns its id."""
+        """Signs a report of the samples processed since the previous one and queues it; returns its id.
+
+        Raises ValueError for a NaN or infinite loss or rate: the server would refuse it, so it is not queued."""
         signed = sign_report(
             self.identity,
             epoch=epoch,
