@@ -22,6 +22,7 @@ Error bounds (x the input, x̂ the decoded value, element by element):
   4 bytes per block (≈ 25.1% of float32 at the default 4096).
 """
 
+import abc
 import struct
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,7 +62,7 @@ class _Header:
     block_size: int
 
 
-class Codec:
+class Codec(abc.ABC):
     """One compression scheme: ``encode`` a flat tensor to bytes, ``decode`` them back after checking.
 
     Subclasses set ``name`` and ``codec_id`` and implement the body; the header is handled here.
@@ -126,16 +127,17 @@ class Codec:
             raise PartRejected(f"{self.name} part block size must be {self.block_size}, got {block_size}")
         return _Header(codec, dtype_code, numel, block_size)
 
+    @abc.abstractmethod
     def _body_bytes(self, numel: int, itemsize: int) -> int:
-        raise NotImplementedError
+        """Exact body size of ``numel`` elements whose decoded dtype has ``itemsize`` bytes."""
 
+    @abc.abstractmethod
     def _encode_body(self, tensor: torch.Tensor, body: memoryview) -> None:
         """Write the body of ``tensor`` into ``body``, which has exactly the size _body_bytes gave."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
         """Decode a body whose length is already checked, into a new array of ``dtype``."""
-        raise NotImplementedError
 
 
 class NoCompression(Codec):
