@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivewire.api import HivewireAPI
 from hivewire.errors import ServerUnreachable
 from hivewire.identity import PeerIdentity
-from hivewire.reporter import LinkTypes, Reporter, ReporterConfig, ReportQueue, sign_report
+from hivewire.reporter import LinkTypes, Reporter, ReporterConfig, ReportQueue, sign_receipt, sign_report
 from hivewire_server.core.config import Settings
 from hivewire_server.main import create_app
 from tests.client._fakes import raw_public
@@ -155,6 +155,35 @@ def test_reports_the_server_refuses_leave_the_queue(
     result = reporter.flush()
     reporter.close()
     assert result.accepted == [good] and len(result.refused) == 1 and result.pending == 0
+
+
+def test_a_receipt_each_member_signed_with_sign_receipt_is_stored(
+    server: LiveServer, organizer: Account, volunteer: Account, run_slug: str
+) -> None:
+    members = []
+    for account in (organizer, volunteer):
+        identity = new_identity()
+        with HivewireAPI(server.url, account.token) as api:
+            members.append((identity, api.join(run_slug, identity.peer_key).certificate))
+    samples = {identity.peer_id: 100 * (n + 1) for n, (identity, _) in enumerate(members)}
+    round_id = "round-from-client"
+    body = {
+        "round_id": round_id,
+        "epoch": 4,
+        "members": [
+            {"peer_id": identity.peer_id, "certificate": certificate, "samples": samples[identity.peer_id]}
+            for identity, certificate in members
+        ],
+        "signatures": {
+            identity.peer_id: sign_receipt(identity, run=run_slug, round_id=round_id, epoch=4, members=samples)
+            for identity, _ in members
+        },
+    }
+    headers = {"Authorization": f"Bearer {members[0][1]}"}
+    response = httpx.post(f"{server.url}/api/runs/{run_slug}/receipts", json=body, headers=headers, timeout=10)
+    assert response.status_code == 201, response.text
+    rows = httpx.get(f"{server.url}/api/runs/{run_slug}/leaderboard", timeout=10).json()["data"]
+    assert [(row["user_id"], row["verified_samples"]) for row in rows] == [(volunteer.id, 200), (organizer.id, 100)]
 
 
 def test_the_queue_is_bounded_and_skips_a_torn_line(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,21 @@ from hivewire.api import HivewireAPI
 from hivewire.errors import Forbidden, HivewireError, InvalidResponse, RequestRejected
 from hivewire.identity import PeerIdentity
 
-__all__ = ["MAX_BATCH", "FlushResult", "LinkTypes", "ReportQueue", "Reporter", "ReporterConfig", "sign_report"]
+__all__ = [
+    "MAX_BATCH",
+    "FlushResult",
+    "LinkTypes",
+    "ReportQueue",
+    "Reporter",
+    "ReporterConfig",
+    "sign_receipt",
+    "sign_report",
+]
 
 logger = logging.getLogger(__name__)
 
 REPORT_CONTEXT = b"hivewire-report-v1\n"
+RECEIPT_CONTEXT = b"hivewire-receipt-v1\n"
 # The server takes at most this many reports per request.
 MAX_BATCH = 100
 
@@ -93,6 +103,19 @@ def sign_report(
     }
     signature = identity.private_key.sign(REPORT_CONTEXT + _canonical(body))
     return {**body, "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")}
+
+
+def sign_receipt(identity: PeerIdentity, *, run: str, round_id: str, epoch: int, members: Mapping[str, int]) -> str:
+    """This member's signature for a round receipt (docs/protocol.md, "Round receipts"): every member of the
+    round signs the same bytes, built from the run, the round, and each member's samples by peer id."""
+    body = {
+        "run": run,
+        "round_id": round_id,
+        "epoch": int(epoch),
+        "members": [[peer_id, int(samples)] for peer_id, samples in sorted(members.items())],
+    }
+    signature = identity.private_key.sign(RECEIPT_CONTEXT + _canonical(body))
+    return base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")
 
 
 class ReportQueue:
