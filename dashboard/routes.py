@@ -1,55 +1,24 @@
-"""Server-rendered pages: sign-in and the device-approval page that `hivewire login` sends people to.
-Forms carry a per-session CSRF token; the cookie is also SameSite=Lax."""
+"""Server-rendered pages: sign-in and sign-up, the device-approval page that `hivewire login` sends people to,
+and the routers of the run, account and live-update pages (mounted by server.main as one router)."""
 
 from __future__ import annotations
 
-import secrets
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
-
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
+from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
 
 from hivewire_server import accounts, device_flow, runs
 from hivewire_server.api.deps import SESSION_USER_KEY, OptionalUser, SessionDep
-from hivewire_server.errors import DomainError, Forbidden
-from hivewire_server.models import User
+from hivewire_server.dashboard import account_pages, live, run_pages
+from hivewire_server.dashboard.web import check_csrf, render, safe_next
+from hivewire_server.errors import Conflict, DomainError
+from hivewire_server.schemas import SignupRequest
 
-templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+__all__ = ["router", "safe_next"]
+
 router = APIRouter(include_in_schema=False)
-
-
-def csrf_token(request: Request) -> str:
-    token = request.session.get("csrf")
-    if not isinstance(token, str):
-        token = secrets.token_urlsafe(24)
-        request.session["csrf"] = token
-    return token
-
-
-def check_csrf(request: Request, submitted: str) -> None:
-    if not secrets.compare_digest(submitted, str(request.session.get("csrf", ""))):
-        raise Forbidden("the form expired; reload the page and try again", code="bad_csrf")
-
-
-def safe_next(target: str) -> str:
-    """Only same-site paths: an open redirect would let a phishing link bounce through this server."""
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
-        return "/"
-    return target
-
-
-def render(request: Request, name: str, user: User | None, status_code: int = 200, **context: Any) -> HTMLResponse:
-    providers = request.app.state.oauth_providers
-    return templates.TemplateResponse(
-        request,
-        name,
-        {"user": user, "csrf": csrf_token(request), "providers": providers, **context},
-        status_code=status_code,
-    )
+for _pages in (run_pages.router, account_pages.router, live.router):
+    router.include_router(_pages)
 
 
 @router.get("/")
@@ -79,6 +48,55 @@ async def login_form(
     request.session.clear()
     request.session[SESSION_USER_KEY] = user.id
     return RedirectResponse(safe_next(next), status_code=303)
+
+
+@router.get("/signup")
+async def signup_page(request: Request, user: OptionalUser, next: str = "/") -> Response:
+    return render(request, "signup.html", user, next=safe_next(next), values={}, errors={})
+
+
+@router.post("/signup")
+async def signup_form(
+    request: Request,
+    session: SessionDep,
+    email: str = Form(default="", max_length=320),
+    display_name: str = Form(default="", max_length=100),
+    password: str = Form(default="", max_length=1024),
+    csrf: str = Form(max_length=100),
+    next: str = Form(default="/", max_length=2000),
+) -> Response:
+    """Local accounts, checked like the API's signup; errors are shown next to the field they concern."""
+    check_csrf(request, csrf)
+    values = {"email": email, "display_name": display_name}
+    errors: dict[str, str] = {}
+    try:
+        body = SignupRequest(email=email, password=password, display_name=display_name.strip())
+        user = await accounts.create_local_user(
+            session, email=body.email, password=body.password, display_name=body.display_name
+        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "email"
+            errors.setdefault(field, _signup_message(field, error["msg"]))
+        try:  # say everything that is wrong at once, the password's strength included
+            accounts.check_password_strength(password, email=email)
+        except DomainError as weak:
+            errors.setdefault("password", weak.message)
+    except DomainError as exc:
+        errors["email" if isinstance(exc, Conflict) else "password"] = exc.message
+    if errors:
+        return render(request, "signup.html", None, 400, next=safe_next(next), values=values, errors=errors)
+    request.session.clear()
+    request.session[SESSION_USER_KEY] = user.id
+    return RedirectResponse(safe_next(next), status_code=303)
+
+
+def _signup_message(field: str, message: str) -> str:
+    return {
+        "email": "enter an email address such as ada@example.org",
+        "display_name": "enter a name of 1 to 100 characters; it is shown on leaderboards",
+        "password": "enter a password",
+    }.get(field, message)
 
 
 @router.post("/logout")
