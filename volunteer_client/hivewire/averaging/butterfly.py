@@ -356,12 +356,17 @@ class _Round:
         for peer in kept_local:
             detail = "no RESULT within reduce_timeout_s + gather_timeout_s; kept local values for its shard"
             self._exclude(peer, Cause.MISSED_GATHER_DEADLINE, detail)
-        out = self.flat.clone()
         members = self.partition.members
+        out = torch.empty_like(self.flat)
         contributors: dict[str, tuple[str, ...]] = {}
-        for reducer, (values, mask, _) in self.results.items():
-            out[self.partition.slice(self.partition.index(reducer))] = values
-            contributors[reducer] = tuple(member for i, member in enumerate(members) if mask >> i & 1)
+        for index, member in enumerate(members):
+            shard = self.partition.slice(index)
+            if member in self.results:
+                values, mask, _ = self.results[member]
+                out[shard] = values
+                contributors[member] = tuple(peer for i, peer in enumerate(members) if mask >> i & 1)
+            else:
+                out[shard] = self.flat[shard]  # kept local (or an empty shard)
         numel = self.flat.numel()
         averaged = sum(self.partition.size(reducer) for reducer in self.results)
         report = RoundReport(
