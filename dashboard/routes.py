@@ -85,7 +85,7 @@ async def signup_form(
     except DomainError as exc:
         errors["email" if isinstance(exc, Conflict) else "password"] = exc.message
     if errors:
-        return render(request, "signup.html", None, 400, next=safe_next(next), values=values, errors=errors)
+        return render(request, "signup.html", None, next=safe_next(next), values=values, errors=errors)
     request.session.clear()
     request.session[SESSION_USER_KEY] = user.id
     return RedirectResponse(safe_next(next), status_code=303)

@@ -76,8 +76,7 @@ async def _run_form(request: Request) -> tuple[dict[str, str], str]:
 def _form_page(
     request: Request, user: User, *, run: Run | None, values: dict[str, Any], errors: dict[str, str]
 ) -> Response:
-    status = 400 if errors else 200
-    return render(request, "run_form.html", user, status, run=run, values=values, errors=errors, choices=CHOICES)
+    return render(request, "run_form.html", user, run=run, values=values, errors=errors, choices=CHOICES)
 
 
 @router.get("/runs/{slug}")

@@ -1,7 +1,8 @@
 """What every page shares: templates, the per-session CSRF token, safe redirects, and error pages.
 
-Forms carry the CSRF token; the session cookie is also SameSite=Lax. Domain errors on a page become an HTML
-page with the status the API would give (api/errors.py decides the status in one place)."""
+Forms carry the CSRF token; the session cookie is also SameSite=Lax. A form with mistakes comes back as a
+200 page with the errors by the fields (a 4xx document is a console error in every browser); a request that
+cannot be served becomes an error page with the status the API would give (api/errors.py decides it)."""
 
 from __future__ import annotations
 

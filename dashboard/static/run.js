@@ -32,7 +32,7 @@
       legend: { show: false },
       scales: { x: { time: true } },
       series: [{}, { label: spec.label, stroke: spec.color, width: 2, points: { show: true, size: 6 }, spanGaps: true }],
-      axes: [{ stroke: "#333" }, { stroke: "#333", size: 56 }],
+      axes: [{ stroke: "#333", space: 90 }, { stroke: "#333", size: 56 }],
     };
     return { spec, figure, target, plot: new uPlot(options, [[], []], target) };
   });
