@@ -287,9 +287,10 @@ def main() -> None:
                     f"{n:>5} {size // 10**6:>5}MB {codec:>5} {ours:>10.3f} {gloo:>8.3f} {ours / gloo:>5.1f}x "
                     f"{moved / bandwidth:>8.3f} {moved / ours / 1e6:>13.0f}"
                 )
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
-        f"\nall on {LOOPBACK}, {os.cpu_count()} CPU(s), {time.perf_counter() - started:.0f} s in all; "
-        "MB/s = 2(n-1)/n * size / time (fp32 bytes, before compression)"
+        f"\nall on {LOOPBACK}, {os.cpu_count()} CPU(s), load average {load} (other work skews every row), "
+        f"{time.perf_counter() - started:.0f} s in all; MB/s = 2(n-1)/n * size / time (fp32 bytes, before compression)"
     )
 
 
