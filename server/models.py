@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -151,6 +152,8 @@ class Report(Base):
     """A progress report from a peer; `report_id` (chosen by the client) makes resending harmless."""
 
     __tablename__ = "reports"
+    # Each batch asks for its peer's latest report time (plausibility, online time).
+    __table_args__ = (Index("ix_reports_run_peer_time", "run_id", "peer_id", "reported_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_id: Mapped[str] = mapped_column(String(64), unique=True)

@@ -94,10 +94,12 @@ def upgrade() -> None:
         batch_op.alter_column("reported_at", existing_type=sa.DateTime(), nullable=False)
         batch_op.alter_column("online_seconds", existing_type=sa.Float(), server_default=None)
         batch_op.create_index(batch_op.f("ix_reports_reported_at"), ["reported_at"], unique=False)
+        batch_op.create_index("ix_reports_run_peer_time", ["run_id", "peer_id", "reported_at"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("reports", schema=None) as batch_op:
+        batch_op.drop_index("ix_reports_run_peer_time")
         batch_op.drop_index(batch_op.f("ix_reports_reported_at"))
         batch_op.drop_column("online_seconds")
         batch_op.drop_column("reported_at")
