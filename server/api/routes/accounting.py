@@ -3,6 +3,7 @@ and, for organizers, the refusals on record."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Annotated
 
@@ -25,6 +26,7 @@ from hivewire_server.schemas import (
 )
 
 router = APIRouter(prefix="/api/runs", tags=["accounting"])
+log = logging.getLogger("hivewire.accounting")
 
 MAX_CERTIFICATE_CHARS = 4096
 
@@ -36,9 +38,15 @@ def _metrics(request: Request) -> ServerMetrics:
 async def _peer(session: SessionDep, settings: SettingsDep, slug: str, authorization: str | None) -> tuple[Run, Peer]:
     """The peer certificate in `Authorization: Bearer <certificate>`: a peer credential, not an API token."""
     scheme, _, certificate = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not certificate or len(certificate) > MAX_CERTIFICATE_CHARS:
-        raise Unauthenticated("expected 'Authorization: Bearer <peer certificate>'", code="bad_certificate")
-    return await accounting.authenticate_peer(session, settings=settings, slug=slug, certificate=certificate.strip())
+    try:
+        if scheme.lower() != "bearer" or not certificate or len(certificate) > MAX_CERTIFICATE_CHARS:
+            raise Unauthenticated("expected 'Authorization: Bearer <peer certificate>'", code="bad_certificate")
+        return await accounting.authenticate_peer(
+            session, settings=settings, slug=slug, certificate=certificate.strip()
+        )
+    except DomainError as exc:
+        log.warning("refused a peer upload to run %s: %s (%s)", slug, exc.code, exc.message)
+        raise
 
 
 @router.post("/{slug}/reports")
