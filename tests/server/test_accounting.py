@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import time
 
+import jwt
 from fastapi.testclient import TestClient
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hivewire_server.core import keys
 from hivewire_server.models import Peer
 from tests.conftest import RUN, Account, run_in_app
 from tests.server._accounting import joined, leaderboard, post_receipt, post_reports, receipt
@@ -187,3 +189,27 @@ def test_bad_receipts_are_refused_and_count_nothing(
         [code for _, _, _, code in cases[:-1]] + ["not_a_member"]
     )
     assert {row["kind"] for row in failures["data"]} == {"receipt"}
+
+
+def test_a_member_certificate_counts_for_a_day_after_it_expired(
+    client: TestClient, organizer: Account, volunteer: Account, run_slug: str
+) -> None:
+    alice, bob = joined(client, organizer, run_slug), joined(client, volunteer, run_slug)
+    claims = jwt.decode(bob.certificate, options={"verify_signature": False})
+
+    def expired_since(seconds: int) -> str:
+        async def sign(session: AsyncSession) -> str:
+            key = await keys.active_key(session)
+            late = {**claims, "iat": claims["iat"] - seconds - 600, "exp": claims["iat"] - seconds}
+            header = {"kid": key.kid, "typ": "hivewire-peer+jwt"}
+            return jwt.encode(late, key.private_key, algorithm="EdDSA", headers=header)
+
+        return run_in_app(client, sign)
+
+    bob.certificate = expired_since(2 * 86400)
+    response = post_receipt(client, run_slug, alice, receipt(run_slug, [(alice, 1), (bob, 2)]))
+    assert (response.status_code, response.json()["code"]) == (400, "member_expired_certificate")
+    bob.certificate = expired_since(3600)
+    response = post_receipt(client, run_slug, alice, receipt(run_slug, [(alice, 1), (bob, 2)]))
+    assert response.status_code == 201, response.text
+    assert leaderboard(client, run_slug)[volunteer.id]["verified_samples"] == 2
