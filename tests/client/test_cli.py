@@ -143,7 +143,7 @@ def test_commands_without_login_give_advice_and_touch_nothing(home: Path, server
 
 def test_join_prints_a_verified_summary(home: Path, server: FakeServer) -> None:
     signed_in(home)
-    result = hivewire(home, server, "join", f"{SERVER}/runs/{RUN}")
+    result = hivewire(home, server, "join", f"{SERVER}/runs/{RUN}", "--dry-run")
     assert result.exit_code == 0, result.output
     identity = load_or_create_identity(home / "peer_key.pem")
     assert f"peer id      {identity.peer_id}" in result.stdout

@@ -1,10 +1,15 @@
-"""`hivewire join RUN_URL`: get a verified peer certificate for this machine's key in a run.
+"""`hivewire join RUN_URL`: join a run, start the network process, train until done, leave cleanly.
 
-For now it stops after the certificate and prints what the mesh will start from; later it trains.
+The join gives a verified certificate for this machine's key and the run spec; the recipe the spec names
+must be installed (the server never ships code). Networking runs in its own process (session/network.py)
+and this process trains (session/trainer.py). Ctrl-C abandons the round in flight, closes the mesh and
+exits 130; reaching --max-steps/--max-epochs exits 0.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,13 +17,18 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
+import torch
 import typer
 
 from hivewire._text import printable
 from hivewire.api import SLUG_PATTERN, HivewireAPI, JoinResponse
 from hivewire.cli._common import open_api, resolve
-from hivewire.errors import CertificateError, InvalidRunURL
+from hivewire.errors import CertificateError, ConfigError, InvalidRunURL
 from hivewire.identity import CertificateVerifier, PeerCertificate, PeerIdentity, load_or_create_identity
+from hivewire.recipes import resolve as resolve_recipe
+from hivewire.session.handle import NetworkHandle
+from hivewire.session.messages import NetworkConfig
+from hivewire.session.trainer import TrainConfig, train
 
 _RUN_PATH = re.compile(rf"^(?P<prefix>.*)/runs/(?P<slug>{SLUG_PATTERN})/?$")
 
@@ -65,20 +75,82 @@ def join_run(api: HivewireAPI, key_path: Path, slug: str) -> JoinedRun:
 def command(
     ctx: typer.Context,
     run_url: Annotated[str, typer.Argument(help="The run's URL, as shown on its page: https://host/runs/<name>")],
+    device: Annotated[str, typer.Option(help="Torch device to train on: cpu, cuda, cuda:1, mps")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per micro-batch on this machine")] = 16,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Leave after this many local micro-batches")] = None,
+    max_epochs: Annotated[int | None, typer.Option(min=1, help="Leave once the run reaches this epoch")] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Write the final model there as a torch state dict (model.pt)")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Data directory for custom recipes, exported as HIVEWIRE_DATA_DIR (built-ins ship theirs)"),
+    ] = None,
+    ice_address: Annotated[
+        list[str] | None,
+        typer.Option(help="Offer only these local addresses to peers (repeatable) [default: every address]"),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Join and verify the certificate, print the summary, do not train")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the mesh and rounds do")] = False,
 ) -> None:
-    """Join a run: prove this machine's peer key to the server and receive a certificate for it."""
+    """Join a run and train with its volunteers until --max-steps/--max-epochs or Ctrl-C."""
     server, slug = parse_run_url(run_url)
     config = resolve(ctx, server=server)
     with open_api(ctx, config, signed_in=True) as api:
         member = join_run(api, config.key_path, slug)
     identity, joined, certificate = member.identity, member.joined, member.certificate
+    spec = joined.run
+    recipe = resolve_recipe(spec.recipe, spec.recipe_version)  # the server never ships code: refuse what we lack
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise ConfigError(f"--data-dir {data_dir} is not a directory")
+        os.environ["HIVEWIRE_DATA_DIR"] = str(data_dir.resolve())  # the recipe protocol has no data argument
+    if verbose:
+        logging.getLogger("hivewire").setLevel(logging.INFO)
 
     minutes = int((certificate.expires_at - datetime.now(UTC)).total_seconds() // 60)
     kinds = sorted({kind for ice in joined.ice_servers for kind in ice.kinds}) or ["none"]
     peers = joined.initial_peers
-    typer.echo(f"Joined run {printable(joined.run.name, 100)} ({slug}) on {config.server}")
+    typer.echo(f"Joined run {printable(spec.name, 100)} ({slug}) on {config.server}")
     typer.echo(f"  peer id      {identity.peer_id}")
     typer.echo(f"  certificate  valid until {certificate.expires_at:%Y-%m-%d %H:%M:%S} UTC ({minutes} min)")
-    typer.echo(f"  recipe       {joined.run.recipe} {printable(joined.run.recipe_version, 32)}, {joined.run.strategy}")
+    typer.echo(f"  recipe       {spec.recipe} {printable(spec.recipe_version, 32)}, {spec.strategy}")
     typer.echo(f"  ICE servers  {', '.join(kinds)}")
     typer.echo(f"  peers        {len(peers)} to contact first{': ' if peers else ''}{', '.join(peers[:5])}")
+    if dry_run:
+        return
+    network = NetworkConfig(
+        server=api.server_url,
+        run=slug,
+        key_path=config.key_path,
+        certificate=joined.certificate,
+        signaling_url=joined.signaling_url,
+        ice_servers=[ice.model_dump(exclude_none=True) for ice in joined.ice_servers],
+        initial_peers=list(joined.initial_peers),
+        target_batch_size=spec.target_batch_size,
+        group_size=spec.group_size,
+        compression=spec.compression,
+        host_addresses=tuple(ice_address) if ice_address else None,
+        log_level=logging.INFO if verbose else logging.WARNING,
+    )
+    options = TrainConfig(
+        batch_size=batch_size,
+        device=torch.device(device),
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        checkpoint_dir=checkpoint_dir,
+    )
+    numel = sum(p.numel() for p in recipe.build_model(0).parameters() if p.requires_grad)
+    handle = NetworkHandle(network, numel)
+    try:
+        result = train(recipe, spec.strategy, slug, identity.peer_id, handle, options)
+    finally:
+        handle.leave()
+    losses = f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}" if result.losses else "no epoch completed"
+    typer.echo(f"Left run {slug} at epoch {result.epoch} after {result.steps} steps ({losses}). Goodbye.")
+    if result.checkpoint is not None:
+        typer.echo(f"Final model written to {result.checkpoint}")
+    if result.interrupted:
+        raise typer.Exit(130)

@@ -1,10 +1,12 @@
-"""The mesh transport: ICE configuration, per-link control and bulk channels, payload framing."""
+"""The mesh: neighbour links opened through signed signaling, ICE configuration, control and bulk channels."""
 
 from hivewire.mesh.control import ControlCodec, RecordSchema
 from hivewire.mesh.errors import ControlRecordError, FramingError, IceConfigError, LinkError, MeshError
 from hivewire.mesh.framing import FramingLimits, PayloadDecoder, encode_payload
 from hivewire.mesh.ice import build_configuration, restrict_host_addresses
 from hivewire.mesh.link import Link, LinkSettings, LinkStats
+from hivewire.mesh.manager import Mesh, MeshSettings, MeshStats
+from hivewire.mesh.paths import NoSignalingPath
 
 __all__ = [
     "ControlCodec",
@@ -16,7 +18,11 @@ __all__ = [
     "LinkError",
     "LinkSettings",
     "LinkStats",
+    "Mesh",
     "MeshError",
+    "MeshSettings",
+    "MeshStats",
+    "NoSignalingPath",
     "PayloadDecoder",
     "RecordSchema",
     "build_configuration",

@@ -21,11 +21,12 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hivewire.identity import PeerIdentity
+from hivewire.mesh.control import RecordSchema
 from hivewire.mesh.errors import LinkError, MeshError
 from hivewire.mesh.link import Link, LinkSettings
 from hivewire.mesh.negotiation import Attempt, Negotiator, Superseded
@@ -73,7 +74,11 @@ class MeshStats:
 
 
 class Mesh:
-    """Links of one peer. ``signaling`` (a SignalingClient) is owned: close() closes it."""
+    """Links of one peer. ``signaling`` (a SignalingClient) is owned: close() closes it.
+
+    It is the ``GossipTransport`` of coordination: ``schemas`` are the record types beyond the mesh's own
+    that its links accept (e.g. ``COORDINATION_SCHEMAS``), delivered to handlers set with ``on_records``.
+    """
 
     def __init__(
         self,
@@ -84,6 +89,7 @@ class Mesh:
         ice_servers: Sequence[Mapping[str, Any]],
         signaling: SignalingClient | None = None,
         settings: MeshSettings | None = None,
+        schemas: Sequence[RecordSchema] = (),
     ) -> None:
         self.peer_id = identity.peer_id
         self.settings = settings or MeshSettings()
@@ -99,6 +105,7 @@ class Mesh:
             link_settings=self.settings.link,
             answer_timeout_s=self.settings.answer_timeout_s,
             on_dead=self._on_link_dead,
+            schemas=schemas,
         )
         # Relayed signaling; its counters (forwarded, dropped) are for operators and tests.
         self.relay = RelayPath(
@@ -110,6 +117,7 @@ class Mesh:
         self._inbox: asyncio.Queue[Signal] = asyncio.Queue(maxsize=self.settings.inbox_signals)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[str, list[Callable[[str, dict[str, Any]], None]]] = {}
         self._closing = False
 
     # ------------------------------------------------------------------------------------------ public
@@ -153,6 +161,18 @@ class Mesh:
             if attempt.task.cancelled() or isinstance(attempt.task.exception(), Superseded):
                 continue  # a glare winner or a newer offer took over; wait for that one
             return attempt.task.result()
+
+    def send_control(self, peer: str, record: Mapping[str, Any]) -> None:
+        """Send one record to neighbour ``peer``; LinkError when there is no open link to it."""
+        link = self._links.get(peer)
+        if link is None:
+            raise LinkError(f"no open link to {peer}")
+        link.send_control(record)
+
+    def on_records(self, types: Collection[str], handler: Callable[[str, dict[str, Any]], None]) -> None:
+        """Deliver every record of these types, from any neighbour, to ``handler`` (which must not block)."""
+        for kind in types:
+            self._handlers.setdefault(kind, []).append(handler)
 
     async def disconnect(self, peer: str) -> None:
         """Close our link to ``peer``; it backs off before the maintainer tries it again."""
@@ -376,6 +396,12 @@ class Mesh:
             elif record["type"] == "neighbours":
                 self.table.set_their_neighbours(link.peer, record["peers"])
                 self._wake.set()
+            else:
+                for handler in self._handlers.get(record["type"], ()):
+                    try:
+                        handler(link.peer, record)
+                    except Exception:  # a consumer's bug must not stop this link's control records
+                        logger.exception("handler of %s records from %s failed", record["type"], link.peer)
 
     async def _maintain(self) -> None:
         """Keep max_neighbours links: offer to candidates, gossip, ask the server for peers."""

@@ -15,7 +15,7 @@ from typing import Any
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from hivewire.identity import PeerIdentity
-from hivewire.mesh.control import ControlCodec
+from hivewire.mesh.control import ControlCodec, RecordSchema
 from hivewire.mesh.errors import LinkError, MeshError
 from hivewire.mesh.ice import build_configuration
 from hivewire.mesh.link import Link, LinkSettings
@@ -78,8 +78,10 @@ class Negotiator:
         link_settings: LinkSettings,
         answer_timeout_s: float,
         on_dead: Callable[[Link, str], None],
+        schemas: Sequence[RecordSchema] = (),
     ) -> None:
         self._identity = identity
+        self._schemas = (*MESH_SCHEMAS, *schemas)  # each link's codec: the mesh's records and its consumers'
         self._certificate = certificate
         self._ice_servers = list(ice_servers)
         build_configuration(self._ice_servers)  # refuse a bad list now, not at the first link
@@ -143,7 +145,7 @@ class Negotiator:
     def _new_link(self, peer: str, *, relay_only: bool) -> tuple[RTCPeerConnection, Link]:
         """A peer connection and its link, channels created before any description (link.py)."""
         pc = RTCPeerConnection(build_configuration(self._ice_servers, relay_only=relay_only))
-        codec = ControlCodec(MESH_SCHEMAS)
+        codec = ControlCodec(self._schemas)
         return pc, Link(pc, peer=peer, settings=self._link_settings, codec=codec, on_dead=self._on_dead)
 
     def _sign(self, peer: str, kind: str, pc: RTCPeerConnection) -> dict[str, Any]:

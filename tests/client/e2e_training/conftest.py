@@ -1,0 +1,122 @@
+"""Volunteers training through the real server: `hivewire join` processes against a uvicorn process on loopback.
+
+No packet may leave loopback: the server hands out no STUN or TURN (ICE servers ``[]``) and every volunteer
+runs with ``--ice-address 127.0.0.1``, so aioice gathers host candidates on loopback alone. Each volunteer
+has its own user, API token (``HIVEWIRE_TOKEN``) and home (its own peer key).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.client.mesh_e2e.conftest import LOOPBACK, Server
+from tests.conftest import RUN, Account, new_user
+
+SLUG = "tiny-lm-e2e"
+# 2 peers x 8 sequences per micro-batch: an epoch is ~32 micro-batches each, long enough (~2 s alone) for
+# the second volunteer to link and catch up before the first runs ahead; no compression, so the
+# butterfly's mean is exact and every peer applies the same bits.
+E2E_RUN = {**RUN, "slug": SLUG, "name": "Tiny LM e2e", "target_batch_size": 512, "compression": "none"}
+HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
+JOIN_TIMEOUT_S = 90.0  # a volunteer that has not exited by then is killed and the test fails
+
+
+@pytest.fixture
+def server(sqlite_template: Path, tmp_path: Path) -> Iterator[Server]:
+    database = tmp_path / "hivewire.db"
+    shutil.copy(sqlite_template, database)
+    running = Server(database, tmp_path / "server.log")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+def organizer(http: httpx.Client) -> Account:
+    user = new_user(http, "olivia")  # type: ignore[arg-type]  # httpx.Client has the TestClient calls used
+    response = http.post("/api/runs", json=E2E_RUN, headers=user.headers)
+    assert response.status_code == 201, response.text
+    return user
+
+
+@dataclass
+class Volunteer:
+    """One `hivewire join` process and where it writes."""
+
+    name: str
+    home: Path
+    process: subprocess.Popen[str] | None = None
+    output: str = ""
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.home / "checkpoint" / "model.pt"
+
+    def wait(self, timeout_s: float = JOIN_TIMEOUT_S) -> int:
+        assert self.process is not None
+        try:
+            self.output, _ = self.process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.output, _ = self.process.communicate()
+            pytest.fail(f"{self.name} did not exit within {timeout_s} s:\n{self.output[-4000:]}")
+        return self.process.returncode
+
+
+class Volunteers:
+    """Factory of volunteers on one server; every process still running at teardown is killed."""
+
+    def __init__(self, server: Server, http: httpx.Client, root: Path) -> None:
+        self.server, self._http, self._root = server, http, root
+        self.started: list[Volunteer] = []
+
+    def join(self, name: str, *args: str, slug: str = SLUG) -> Volunteer:
+        user = new_user(self._http, name)  # type: ignore[arg-type]
+        volunteer = Volunteer(name, self._root / name)
+        env = {
+            **os.environ,
+            "HIVEWIRE_HOME": str(volunteer.home),
+            "HIVEWIRE_SERVER": self.server.url,
+            "HIVEWIRE_TOKEN": user.token,
+        }
+        volunteer.args = [
+            HIVEWIRE,
+            "join",
+            f"{self.server.url}/runs/{slug}",
+            "--ice-address",
+            LOOPBACK,
+            "--checkpoint-dir",
+            str(volunteer.home / "checkpoint"),
+            *args,
+        ]
+        volunteer.process = subprocess.Popen(
+            volunteer.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.started.append(volunteer)
+        return volunteer
+
+
+@pytest.fixture
+def volunteers(server: Server, http: httpx.Client, organizer: Account, tmp_path: Path) -> Iterator[Volunteers]:
+    factory = Volunteers(server, http, tmp_path)
+    yield factory
+    for volunteer in factory.started:
+        if volunteer.process is not None and volunteer.process.poll() is None:
+            volunteer.process.kill()
+            volunteer.process.communicate()

@@ -1,0 +1,59 @@
+"""`hivewire join` end to end: volunteers train tiny-lm under dedloc through the real server and agree bit for bit."""
+
+import httpx
+import pytest
+import torch
+
+from hivewire.recipes import TinyLM, shard_seed
+from hivewire.session.trainer import run_seed
+from tests.client.e2e_training.conftest import E2E_RUN, SLUG, Volunteers
+from tests.conftest import Account
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 6
+EVAL_BATCHES = 4
+
+
+def held_out_loss(state: dict[str, torch.Tensor] | None) -> float:
+    """tiny-lm's loss on batches no volunteer drew (their shard is another seed), for the initial model if None."""
+    recipe = TinyLM()
+    model = recipe.build_model(run_seed(SLUG))
+    if state is not None:
+        model.load_state_dict(state)
+    batches = recipe.batches(shard_seed("held-out"), 32, torch.device("cpu"))
+    with torch.no_grad():
+        return sum(recipe.loss(model, next(batches)).item() for _ in range(EVAL_BATCHES)) / EVAL_BATCHES
+
+
+def test_two_volunteers_train_to_identical_models(volunteers: Volunteers) -> None:
+    """Two peers reach max epochs, exit 0, write bit-identical models, and the model learned."""
+    args = ("--max-epochs", str(EPOCHS), "--batch-size", "8")
+    alice = volunteers.join("alice", *args)
+    bob = volunteers.join("bob", *args)
+    codes = [alice.wait(), bob.wait()]
+    outputs = "\n".join(f"--- {v.name}:\n{v.output[-3000:]}" for v in (alice, bob))
+    assert codes == [0, 0], outputs
+    for volunteer in (alice, bob):
+        assert f"Left run {SLUG} at epoch {EPOCHS}" in volunteer.output, outputs
+    first = torch.load(alice.checkpoint, weights_only=True)
+    second = torch.load(bob.checkpoint, weights_only=True)
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), f"{name} differs between the volunteers"
+    before, after = held_out_loss(None), held_out_loss(first)
+    assert after < before - 0.5, f"held-out loss {before:.3f} -> {after:.3f}: the model did not learn"
+
+
+def test_a_run_with_a_recipe_this_client_lacks_is_refused(
+    volunteers: Volunteers, http: httpx.Client, organizer: Account
+) -> None:
+    """The server never ships code: a missing recipe stops the join with the recipe error's advice."""
+    spec = {**E2E_RUN, "slug": "no-recipe", "recipe": "no-such-recipe"}
+    response = http.post("/api/runs", json=spec, headers=organizer.headers)
+    assert response.status_code == 201, response.text
+    volunteer = volunteers.join("carol", "--max-steps", "1", slug="no-recipe")
+    assert volunteer.wait() == 1
+    assert "no-such-recipe" in volunteer.output
+    assert "Install the package that provides recipe no-such-recipe version" in volunteer.output
+    assert not volunteer.checkpoint.exists()

@@ -1,0 +1,288 @@
+"""The network process: signaling, mesh, progress gossip, matchmaking, butterfly averaging, state download.
+
+Why a process apart from training (DESIGN.md, "Training and networking live in separate processes"): aiortc's
+SCTP is pure Python and holds ~100% of a core while it moves data (shared/notes/webrtc-field-notes.md).
+On the trainer's interpreter it would stall every training step, and training would starve the transfers
+(5-8 MB/s under contention). So the CLI's main process trains and this one talks. They share the flat
+gradient (or pseudo-gradient) buffer through shared memory (`share_memory_()`, passed at spawn) and
+exchange small records over a Pipe (messages.py): "progress", "average the buffer for epoch e with weight
+w" -> "done, members, excluded".
+
+Ctrl-C reaches the whole process group; this process ignores SIGINT and leaves when the trainer says
+`Leave` (or its Pipe closes), so a round in flight is abandoned in one place, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+from collections import Counter
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from hivewire.averaging import LinkGroupTransport, butterfly_allreduce, get_codec
+from hivewire.coordination import (
+    COORDINATION_SCHEMAS,
+    Matchmaker,
+    MatchmakingSettings,
+    ProgressSettings,
+    ProgressTracker,
+    RoundAbandoned,
+)
+from hivewire.errors import HivewireError
+from hivewire.identity import CertificateVerifier, load_or_create_identity
+from hivewire.mesh import Link, Mesh, MeshError, restrict_host_addresses
+from hivewire.session.messages import (
+    Average,
+    Averaged,
+    Failed,
+    Leave,
+    Left,
+    NetworkConfig,
+    Report,
+    Snapshot,
+    Started,
+    StateBlob,
+    View,
+)
+from hivewire.session.state import STATE_SCHEMAS, StateExchange
+from hivewire.signaling import DescriptionVerifier, SignalingClient
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP_INTERVAL_S = 1.0  # how often we check whether the run moved past our epoch
+LOADED_TIMEOUT_S = 30.0  # after handing the trainer a state, wait this long for it to report that epoch
+_POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
+
+
+def run_network(config: NetworkConfig, conn: Connection, buffer: torch.Tensor) -> None:
+    """Entry point of the spawned process; ``buffer`` is the shared flat tensor the rounds average in place."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and sends Leave
+    logging.basicConfig(level=config.log_level, format="%(levelname)s: network: %(message)s")
+    torch.set_num_threads(1)  # the trainer's cores are for training
+    asyncio.run(NetworkSide(config, conn, buffer).run())
+
+
+async def _poll_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    """Whether ``predicate`` became true within ``timeout_s``, checked every _POLL_S."""
+    for _ in range(math.ceil(timeout_s / _POLL_S)):
+        if predicate():
+            return True
+        await asyncio.sleep(_POLL_S)
+    return predicate()
+
+
+def link_kind(link: Link) -> str:
+    """host, reflexive or relay: the candidate types of the pair ICE nominated (aioice internals, best effort)."""
+    try:
+        connection = link._pc.sctp.transport.transport._connection  # RTCIceTransport's aioice Connection
+        pair = next(iter(connection._nominated.values()))
+        types = {pair.local_candidate.type, pair.remote_candidate.type}
+    except (AttributeError, StopIteration):
+        return "unknown"
+    if "relay" in types:
+        return "relay"
+    return "reflexive" if types & {"srflx", "prflx"} else "host"
+
+
+class NetworkSide:
+    """One volunteer's networking, driven by the trainer's messages."""
+
+    def __init__(self, config: NetworkConfig, conn: Connection, buffer: torch.Tensor) -> None:
+        self.config = config
+        self._conn = conn
+        self._buffer = buffer
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._send_lock = asyncio.Lock()
+        self._bulk = asyncio.Lock()  # one reader of the bulk channels at a time: a round or a download
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        config = self.config
+        if config.host_addresses is not None:
+            restrict_host_addresses(list(config.host_addresses))
+        identity = load_or_create_identity(config.key_path)
+        self.me = identity.peer_id
+        certificates = CertificateVerifier(config.server)
+        certificate = lambda: config.certificate  # noqa: E731  (renewal is not implemented yet)
+        self.mesh = Mesh(
+            identity,
+            certificate,
+            DescriptionVerifier(certificates, run=config.run, self_peer_id=identity.peer_id),
+            ice_servers=config.ice_servers,
+            signaling=SignalingClient(config.signaling_url, certificate),
+            schemas=(*COORDINATION_SCHEMAS, *STATE_SCHEMAS),
+        )
+        self.tracker = ProgressTracker(
+            identity,
+            certificate,
+            certificates,
+            self.mesh,
+            run=config.run,
+            settings=ProgressSettings(target_batch_size=config.target_batch_size),
+        )
+        self.matchmaker = Matchmaker(self.mesh, MatchmakingSettings(group_size=config.group_size))
+        self.states = StateExchange(self.mesh)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._conn.fileno(), self._read_pipe)
+        try:
+            await self.mesh.start(config.initial_peers)
+            await self.tracker.start()
+            await self._send(Started(await self._initial_state()))
+            self._spawn(self._send_views(), "views")
+            self._spawn(self._catch_up(), "catch-up")
+            await self._serve_trainer()
+        except HivewireError as exc:
+            logger.debug("network side failed", exc_info=True)
+            await self._send(Failed(str(exc), exc.advice))
+        except Exception as exc:  # report any failure to the trainer rather than leave it waiting
+            logger.exception("network side failed")
+            await self._send(Failed(f"{type(exc).__name__}: {exc}", "This is a bug; please report it with the log."))
+        finally:
+            loop.remove_reader(self._conn.fileno())
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.tracker.close()
+            await self.states.close()
+            await self.mesh.close()
+            certificates.close()
+            with contextlib.suppress(OSError):
+                await self._send(Left())
+
+    # ------------------------------------------------------------------------------ the trainer's side
+
+    def _read_pipe(self) -> None:
+        try:
+            self._inbox.put_nowait(self._conn.recv())
+        except (EOFError, OSError):  # the trainer is gone: leave
+            asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            self._inbox.put_nowait(Leave())
+
+    async def _send(self, message: object) -> None:
+        """Off the event loop: a snapshot may fill the Pipe until the trainer reads it."""
+        async with self._send_lock:
+            await asyncio.to_thread(self._conn.send, message)
+
+    async def _serve_trainer(self) -> None:
+        while True:
+            message = await self._inbox.get()
+            if isinstance(message, Report):
+                self.tracker.report(
+                    epoch=message.epoch,
+                    samples_accumulated=message.samples_accumulated,
+                    samples_per_second=message.samples_per_second,
+                    param_hash=message.param_hash,
+                )
+            elif isinstance(message, Snapshot):
+                self.states.offer(message.epoch, message.blob)
+            elif isinstance(message, Average):
+                self._spawn(self._average(message), f"round-{message.epoch}")
+            elif isinstance(message, Leave):
+                logger.info("leaving the run: abandoning any round in flight and closing the mesh")
+                return
+
+    async def _send_views(self) -> None:
+        while True:
+            view = self.tracker.view()
+            kinds = Counter(link_kind(link) for peer in self.mesh.neighbours if (link := self.mesh.link(peer)))
+            await self._send(
+                View(
+                    epoch=view.epoch,
+                    ready=view.ready,
+                    estimated_samples=view.estimated_samples,
+                    target_batch_size=view.target_batch_size,
+                    samples_per_second=view.samples_per_second,
+                    num_peers=view.num_peers,
+                    links=dict(kinds),
+                )
+            )
+            await asyncio.sleep(self.config.view_interval_s)
+
+    # ------------------------------------------------------------------------------ rounds
+
+    async def _average(self, request: Average) -> None:
+        """Matchmake for the epoch, run the butterfly on the shared buffer, answer; never leaves it waiting."""
+        async with self._bulk:
+            view = self.tracker.view()
+            peers = view.peers if view.epoch == request.epoch else (self.me,)
+            try:
+                group = await self.matchmaker.matchmake(request.epoch, peers)
+            except RoundAbandoned as exc:
+                await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, f"no group agreed: {exc}"))
+                return
+            links = {m: link for m in group.members if m != self.me and (link := self.mesh.link(m)) is not None}
+            result, report = await butterfly_allreduce(
+                self._buffer,
+                me=self.me,
+                throughputs={member: 1.0 for member in group.members},  # equal parts: no bandwidth probe yet
+                weight=request.weight,
+                round_id=group.round_id,
+                transport=LinkGroupTransport(links),
+                codec=get_codec(self.config.compression),
+            )
+            self._buffer.copy_(result)
+            excluded = {peer: f"{why.cause}: {why.detail}" for peer, why in report.excluded.items()}
+            await self._send(Averaged(request.epoch, True, group.members, excluded, report.averaged_fraction))
+
+    # ------------------------------------------------------------------------------ late joiners
+
+    async def _initial_state(self) -> StateBlob | None:
+        """None to start from the seed; a neighbour's state when the run is already past epoch 0."""
+        if not self.config.initial_peers:
+            return None  # the first peer of the run
+        if not await _poll_until(lambda: bool(self.tracker.records()), self.config.startup_wait_s):
+            logger.warning(
+                "heard no progress from the run's peers %s within %s s; starting from the initial model",
+                self.config.initial_peers,
+                self.config.startup_wait_s,
+            )
+            return None
+        view = self.tracker.view()
+        return await self._download(view.epoch, view.peers) if view.epoch > 0 else None
+
+    async def _catch_up(self) -> None:
+        """When the run is past our epoch (we missed rounds), hand the trainer a neighbour's state."""
+        while True:
+            await asyncio.sleep(CATCH_UP_INTERVAL_S)
+            view = self.tracker.view()
+            if view.epoch <= self.tracker.local.epoch:
+                continue
+            logger.warning("the run is at epoch %d and we at %d: downloading its state", view.epoch, view.local_epoch)
+            state = await self._download(view.epoch, view.peers)
+            if state is None:
+                continue
+            await self._send(state)
+            await _poll_until(lambda epoch=state.epoch: self.tracker.local.epoch >= epoch, LOADED_TIMEOUT_S)
+
+    async def _download(self, epoch: int, peers: tuple[str, ...]) -> StateBlob | None:
+        """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does."""
+        async with self._bulk:
+            for donor in (peer for peer in peers if peer != self.me):
+                try:
+                    donor_epoch, blob = await self.states.download(donor)
+                except MeshError as exc:  # StateError, or no link to the donor
+                    logger.warning("state download from %s failed: %s", donor, exc)
+                    continue
+                record = self.tracker.records().get(donor)
+                param_hash = record.param_hash if record is not None and record.epoch == donor_epoch else None
+                return StateBlob(donor_epoch, blob, donor, param_hash)
+        logger.warning("no peer at epoch %d delivered its state; will retry", epoch)
+        return None
+
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"hivewire-network-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("network task %s failed", task.get_name(), exc_info=task.exception())
+            self._inbox.put_nowait(Leave())

@@ -1,0 +1,208 @@
+"""The training loop of `hivewire join`: nanoGPT's shape, with the averaging round behind the strategy's step.
+
+Reads top to bottom: take in what the network said (the run's view, a downloaded state), one micro-batch
+forward and backward, report progress, and at the epoch boundary (the run reached its target batch, by the
+gossiped view) the strategy's step, which averages through the network process. dedloc steps only at
+boundaries; diloco steps every micro-batch and averages every `inner_steps`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from hivewire.optim import Dedloc, Diloco, Strategy, StrategyError, parameter_hash
+from hivewire.recipes import Recipe, shard_seed
+from hivewire.session.handle import NetworkHandle
+from hivewire.session.messages import StateBlob
+
+logger = logging.getLogger(__name__)
+
+LINE_INTERVAL_S = 0.5  # the live progress line is redrawn at most this often
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the volunteer chose on the command line."""
+
+    batch_size: int  # samples per micro-batch
+    device: torch.device
+    max_steps: int | None = None  # local micro-batches, then leave
+    max_epochs: int | None = None  # the run's epochs (averaging rounds), then leave
+    checkpoint_dir: Path | None = None  # where the final model is written (torch state dict)
+
+
+@dataclass
+class TrainResult:
+    """What happened, for the goodbye line and for tests."""
+
+    steps: int = 0
+    epoch: int = 0
+    first_loss: float = math.nan  # mean over the first epoch's micro-batches
+    last_loss: float = math.nan  # mean over the last epoch's micro-batches
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    losses: list[float] = field(default_factory=list)  # per epoch, mean over its micro-batches
+
+
+def run_seed(run: str) -> int:
+    """Every peer of a run builds the same initial model: its seed comes from the run's name."""
+    return int.from_bytes(hashlib.sha256(b"hivewire-run-seed\0" + run.encode()).digest()[:8], "big")
+
+
+def build_strategy(name: str, recipe: Recipe, run: str, average: Callable[..., Any]) -> Strategy:
+    model = recipe.build_model(run_seed(run))
+    optimizer = recipe.optimizer(model)
+    return Dedloc(model, optimizer, average) if name == "dedloc" else Diloco(model, optimizer, average)
+
+
+def serialize(strategy: Strategy) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def load_state(strategy: Strategy, state: StateBlob) -> bool:
+    """Load a downloaded state after every check; False (and nothing changed) when one fails."""
+    try:
+        loaded = torch.load(io.BytesIO(state.blob), weights_only=True)
+        before = serialize(strategy) if state.param_hash is not None else None
+        strategy.load_state_dict(loaded)
+    except (StrategyError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        logger.warning("refused the state of epoch %d from %s: %s", state.epoch, state.donor, exc)
+        return False
+    if state.param_hash is not None and parameter_hash(strategy.model) != state.param_hash:
+        assert before is not None
+        strategy.load_state_dict(torch.load(io.BytesIO(before), weights_only=True))
+        logger.warning("refused the state from %s: its parameters do not match the hash it gossiped", state.donor)
+        return False
+    logger.info("loaded the state of epoch %d from %s", state.epoch, state.donor)
+    return True
+
+
+class ProgressLine:
+    """One updating line on a terminal; a plain line per epoch otherwise (logs, CI)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self._stream = stream
+        self._live = stream.isatty()
+        self._drawn_at = 0.0
+
+    def update(self, text: str, *, epoch_done: bool) -> None:
+        now = time.monotonic()
+        if self._live and (epoch_done or now - self._drawn_at >= LINE_INTERVAL_S):
+            self._stream.write("\r\033[K" + text)
+            self._stream.flush()
+            self._drawn_at = now
+        elif not self._live and epoch_done:
+            self._stream.write(text + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self._live:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def train(
+    recipe: Recipe, strategy_name: str, run: str, peer_id: str, network: NetworkHandle, config: TrainConfig
+) -> TrainResult:
+    """Train until max steps/epochs or Ctrl-C; the caller leaves the run and closes the network afterwards."""
+    strategy: Strategy = build_strategy(
+        strategy_name, recipe, run, lambda tensors, weight: network.average(strategy.epoch, tensors, weight)
+    )
+    strategy.model.to(config.device)
+    result, line = TrainResult(), ProgressLine()
+    state = network.wait_started()
+    if state is not None:
+        load_state(strategy, state)
+    network.snapshot(strategy.epoch, serialize(strategy), parameter_hash(strategy.model))
+    network.report(strategy.epoch, 0, 0.0, parameter_hash(strategy.model))
+    epoch_losses: list[float] = []
+    batches = recipe.batches(shard_seed(peer_id), config.batch_size, config.device)
+    started, samples_seen = time.monotonic(), 0
+    try:
+        while not _done(result, strategy, config):
+            # what the network said since the last micro-batch: the run's view, a state to catch up with
+            network.poll()
+            while network.pending:
+                if load_state(strategy, network.pending.popleft()):
+                    epoch_losses.clear()
+                    network.report(strategy.epoch, 0, 0.0, parameter_hash(strategy.model))
+            # one micro-batch: forward, backward (gradients weighted by samples)
+            batch = next(batches)
+            loss = recipe.loss(strategy.model, batch)
+            samples = recipe.samples_in(batch)
+            strategy.backward(loss, samples)
+            epoch_losses.append(loss.item())
+            result.steps += 1
+            samples_seen += samples
+            rate = samples_seen / max(time.monotonic() - started, 1e-6)
+            network.report(strategy.epoch, strategy.samples_accumulated, rate)
+            # the epoch boundary: dedloc steps when the run reached its target batch; diloco every batch
+            epoch = strategy.epoch
+            view = network.view
+            if isinstance(strategy, Diloco) or (view is not None and view.ready and view.epoch == epoch):
+                strategy.step()
+            if strategy.epoch != epoch:
+                result.losses.append(sum(epoch_losses) / len(epoch_losses))
+                epoch_losses.clear()
+                _after_round(strategy, network)
+            line.update(
+                _progress_text(strategy, network, epoch_losses, result, rate), epoch_done=strategy.epoch != epoch
+            )
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        line.close()
+    result.epoch = strategy.epoch
+    if result.losses:
+        result.first_loss, result.last_loss = result.losses[0], result.losses[-1]
+    if config.checkpoint_dir is not None and not result.interrupted:
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        result.checkpoint = config.checkpoint_dir / "model.pt"
+        torch.save({key: value.cpu() for key, value in strategy.model.state_dict().items()}, result.checkpoint)
+    return result
+
+
+def _done(result: TrainResult, strategy: Strategy, config: TrainConfig) -> bool:
+    return (config.max_steps is not None and result.steps >= config.max_steps) or (
+        config.max_epochs is not None and strategy.epoch >= config.max_epochs
+    )
+
+
+def _after_round(strategy: Strategy, network: NetworkHandle) -> None:
+    """A round ended: tell the run our new epoch and hash, and serve the new state to late joiners."""
+    round_ = network.last_round
+    if round_ is not None and not round_.ok:
+        logger.warning("epoch %d: %s; stepped with this peer's own gradients", round_.epoch, round_.detail)
+    elif round_ is not None and round_.excluded:
+        logger.warning("epoch %d: excluded from the round: %s", round_.epoch, round_.excluded)
+    digest = parameter_hash(strategy.model)
+    network.report(strategy.epoch, 0, 0.0, digest)
+    network.snapshot(strategy.epoch, serialize(strategy), digest)
+
+
+def _progress_text(
+    strategy: Strategy, network: NetworkHandle, epoch_losses: list[float], result: TrainResult, rate: float
+) -> str:
+    view = network.view
+    loss = result.losses[-1] if result.losses and not epoch_losses else (sum(epoch_losses) / max(len(epoch_losses), 1))
+    links = ", ".join(f"{kind} {count}" for kind, count in sorted(view.links.items())) if view else ""
+    if view is None:
+        return f"epoch {strategy.epoch} | loss {loss:.3f} | local {rate:.0f} samples/s | waiting for the run's view"
+    return (
+        f"epoch {strategy.epoch} | loss {loss:.3f} | local {rate:.0f} samples/s | "
+        f"global {view.samples_per_second:.0f} samples/s | {view.estimated_samples:.0f}/{view.target_batch_size} "
+        f"| peers {view.num_peers} | links {links or 'none'}"
+    )
