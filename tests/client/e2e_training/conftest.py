@@ -94,6 +94,7 @@ class Volunteers:
             "HIVEWIRE_HOME": str(volunteer.home),
             "HIVEWIRE_SERVER": self.server.url,
             "HIVEWIRE_TOKEN": user.token,
+            "OMP_NUM_THREADS": "1",  # several volunteers share this machine's cores
         }
         volunteer.args = [
             HIVEWIRE,

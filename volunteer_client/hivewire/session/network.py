@@ -102,6 +102,7 @@ class NetworkSide:
         self._send_lock = asyncio.Lock()
         self._bulk = asyncio.Lock()  # one reader of the bulk channels at a time: a round or a download
         self._tasks: set[asyncio.Task[None]] = set()
+        self._next_epoch = 0  # the epoch the trainer is about to report, once a round finished
 
     async def run(self) -> None:
         config = self.config
@@ -228,6 +229,7 @@ class NetworkSide:
                 codec=get_codec(self.config.compression),
             )
             self._buffer.copy_(result)
+            self._next_epoch = request.epoch + 1
             excluded = {peer: f"{why.cause}: {why.detail}" for peer, why in report.excluded.items()}
             await self._send(Averaged(request.epoch, True, group.members, excluded, report.averaged_fraction))
 
@@ -247,32 +249,43 @@ class NetworkSide:
         view = self.tracker.view()
         return await self._download(view.epoch, view.peers) if view.epoch > 0 else None
 
+    def _behind(self) -> bool:
+        """The run is past our epoch, not merely past the report of a round we just finished with it."""
+        return self.tracker.view().epoch > max(self.tracker.local.epoch, self._next_epoch)
+
     async def _catch_up(self) -> None:
         """When the run is past our epoch (we missed rounds), hand the trainer a neighbour's state."""
         while True:
             await asyncio.sleep(CATCH_UP_INTERVAL_S)
-            view = self.tracker.view()
-            if view.epoch <= self.tracker.local.epoch:
+            if not self._behind():
                 continue
-            logger.warning("the run is at epoch %d and we at %d: downloading its state", view.epoch, view.local_epoch)
-            state = await self._download(view.epoch, view.peers)
+            async with self._bulk:  # a round in flight may be the one that brings us level
+                if not self._behind():
+                    continue
+                view = self.tracker.view()
+                logger.warning(
+                    "the run is at epoch %d and we at %d: downloading its state", view.epoch, view.local_epoch
+                )
+                state = await self._download(view.epoch, view.peers)
             if state is None:
                 continue
             await self._send(state)
             await _poll_until(lambda epoch=state.epoch: self.tracker.local.epoch >= epoch, LOADED_TIMEOUT_S)
 
     async def _download(self, epoch: int, peers: tuple[str, ...]) -> StateBlob | None:
-        """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does."""
-        async with self._bulk:
-            for donor in (peer for peer in peers if peer != self.me):
-                try:
-                    donor_epoch, blob = await self.states.download(donor)
-                except MeshError as exc:  # StateError, or no link to the donor
-                    logger.warning("state download from %s failed: %s", donor, exc)
-                    continue
-                record = self.tracker.records().get(donor)
-                param_hash = record.param_hash if record is not None and record.epoch == donor_epoch else None
-                return StateBlob(donor_epoch, blob, donor, param_hash)
+        """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does.
+
+        The caller holds the bulk lock (or no round can run yet): the download reads a bulk channel.
+        """
+        for donor in (peer for peer in peers if peer != self.me):
+            try:
+                donor_epoch, blob = await self.states.download(donor)
+            except MeshError as exc:  # StateError, or no link to the donor
+                logger.warning("state download from %s failed: %s", donor, exc)
+                continue
+            record = self.tracker.records().get(donor)
+            param_hash = record.param_hash if record is not None and record.epoch == donor_epoch else None
+            return StateBlob(donor_epoch, blob, donor, param_hash)
         logger.warning("no peer at epoch %d delivered its state; will retry", epoch)
         return None
 

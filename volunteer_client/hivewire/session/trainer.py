@@ -157,7 +157,7 @@ def train(
             if strategy.epoch != epoch:
                 result.losses.append(sum(epoch_losses) / len(epoch_losses))
                 epoch_losses.clear()
-                _after_round(strategy, network)
+                _after_round(strategy, network, rate)
             line.update(
                 _progress_text(strategy, network, epoch_losses, result, rate), epoch_done=strategy.epoch != epoch
             )
@@ -181,7 +181,7 @@ def _done(result: TrainResult, strategy: Strategy, config: TrainConfig) -> bool:
     )
 
 
-def _after_round(strategy: Strategy, network: NetworkHandle) -> None:
+def _after_round(strategy: Strategy, network: NetworkHandle, rate: float) -> None:
     """A round ended: tell the run our new epoch and hash, and serve the new state to late joiners."""
     round_ = network.last_round
     if round_ is not None and not round_.ok:
@@ -189,7 +189,7 @@ def _after_round(strategy: Strategy, network: NetworkHandle) -> None:
     elif round_ is not None and round_.excluded:
         logger.warning("epoch %d: excluded from the round: %s", round_.epoch, round_.excluded)
     digest = parameter_hash(strategy.model)
-    network.report(strategy.epoch, 0, 0.0, digest)
+    network.report(strategy.epoch, 0, rate, digest)  # the rate lets others extrapolate our samples at once
     network.snapshot(strategy.epoch, serialize(strategy), digest)
 
 
