@@ -28,7 +28,7 @@ from hivewire_server.auth import oidc
 from hivewire_server.core.config import Settings
 from hivewire_server.core.db import create_engine, session_factory
 from hivewire_server.dashboard import routes as pages
-from hivewire_server.metrics import RequestMetricsMiddleware, ServerMetrics
+from hivewire_server.metrics import ServerMetrics
 from hivewire_server.signaling.hub import Hub
 
 SESSION_COOKIE = "hivewire_session"  # its own name: the OpenID provider may share the host's cookie jar
@@ -63,8 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         https_only=settings.base_url.startswith("https://"),
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(AccessLogMiddleware)
-    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics)
     for router in (
         health.router,
         auth.router,

@@ -3,8 +3,6 @@ rather than through a library: a few counters and one gauge need no registry. Ea
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -55,29 +53,3 @@ class ServerMetrics:
             f"hivewire_signaling_peers {signaling_peers}",
         ]
         return "\n".join(lines) + "\n"
-
-
-class RequestMetricsMiddleware:
-    """Counts HTTP requests by the matched route's template (never the raw path: slugs would explode labels)."""
-
-    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.inc(route, scope["method"], str(status))

@@ -9,6 +9,8 @@ import time
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hivewire_server.metrics import ServerMetrics
+
 log = logging.getLogger("hivewire.access")
 
 
@@ -74,10 +76,12 @@ class BodyLimitMiddleware:
 
 
 class AccessLogMiddleware:
-    """Method, path (never the query string: it can hold OAuth codes), status and duration."""
+    """One log line per request — method, path (never the query string: it can hold OAuth codes), status and
+    duration — and the request counter of /metrics, by route template (raw paths would explode labels)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,3 +101,5 @@ class AccessLogMiddleware:
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
             log.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed_ms)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.inc(route, scope["method"], str(status))
