@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -56,6 +57,7 @@ needs_browser = pytest.mark.skipif(
 @dataclass
 class LiveServer:
     url: str
+    app: FastAPI
     http: httpx.Client  # the API, as a volunteer's client would call it
     organizer: Account
     volunteer: Account
@@ -90,7 +92,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path)
             organizer = new_user(http, "olivia")  # type: ignore[arg-type]  # has the calls new_user makes
             volunteer = new_user(http, "victor")  # type: ignore[arg-type]
             assert organizer.is_organizer and not volunteer.is_organizer
-            yield LiveServer(url=url, http=http, organizer=organizer, volunteer=volunteer)
+            yield LiveServer(url=url, app=app, http=http, organizer=organizer, volunteer=volunteer)
     finally:
         server.should_exit = True
         thread.join(STOP_TIMEOUT_S)

@@ -122,7 +122,8 @@ def test_organizer_creates_and_edits_a_run_through_the_form(browser: webdriver.C
 
 def test_run_page_follows_reports_and_receipts_live(browser: webdriver.Chrome, live_server: LiveServer) -> None:
     slug = live_server.create_run("live-demo", name="Live demo", description="Watch it learn.")
-    browser.get(f"{live_server.url}/runs/{slug}")
+    browser.get(live_server.url)
+    browser.find_element(By.LINK_TEXT, "Live demo").click()
     wait_for(browser, lambda d: text(d, "#live-status") == "Live updates: on", "the event stream")
     assert "Nobody has contributed yet" in text(browser, "#leaderboard")
     assert browser.find_element(By.ID, "chart-loss").get_attribute("data-points") == "0"
@@ -152,6 +153,9 @@ def test_run_page_follows_reports_and_receipts_live(browser: webdriver.Chrome, l
     assert browser.execute_script("return window.sameDocument") is True, "the page reloaded"
     assert int(browser.find_element(By.ID, "main").get_attribute("data-updates") or 0) >= 2
     screenshot(browser, "run-page")
+    browser.get(live_server.url)
+    screenshot(browser, "index")
+    browser.back()
 
     browser.set_window_size(*PHONE)
     wait_for(
@@ -214,6 +218,7 @@ def test_device_approval_page_still_works(browser: webdriver.Chrome, live_server
     code = live_server.http.post("/api/device/code", data={"client_id": "hivewire-cli"}).json()
     browser.get(code["verification_uri_complete"])
     wait_for(browser, lambda d: "/login" in d.current_url, "the sign-in redirect")
+    screenshot(browser, "login")
     browser.find_element(By.NAME, "email").send_keys(live_server.volunteer.email)
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "main form button[type=submit]").click()
