@@ -6,7 +6,6 @@ and `other`, both redirecting to REDIRECT_URI; accounts exist for any id, with e
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import free_port
 
 OIDC_DIR = Path(__file__).parent / "oidc"
 REDIRECT_URI = "http://testserver/auth/test/callback"  # the app under TestClient, provider name `test`
@@ -34,12 +35,6 @@ class OidcProvider:
     @property
     def discovery_url(self) -> str:
         return f"{self.issuer}/.well-known/openid-configuration"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for_discovery(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
@@ -63,7 +58,7 @@ def oidc_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProv
         pytest.skip("`node` is not installed: the OpenID provider tests need Node.js 20+")
     if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
         pytest.fail("tests/oidc/node_modules is missing: run scripts/setup.sh --test")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("oidc") / "provider.log"
     env = {"PATH": "", "OIDC_REDIRECT_URI": REDIRECT_URI, "OIDC_CLIENT_SECRET": CLIENT_SECRET}
     with log.open("wb") as sink:

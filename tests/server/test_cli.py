@@ -2,7 +2,6 @@
 run here as real processes, and the administrative commands."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ import pytest
 
 from hivewire_server.cli import main
 from tests.conftest import PASSWORD, _postgres_admin, _postgres_url
+from tests.support import free_port
 
 SERVER = [sys.executable, "-m", "hivewire_server.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> httpx.Response:

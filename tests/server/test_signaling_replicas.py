@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from hivewire_server.core.migrate import upgrade
 from tests.conftest import RUN, _postgres_admin, _postgres_url, new_user
 from tests.server.test_join import join
+from tests.support import free_port
 
 REDIS_URL = os.environ.get("HIVEWIRE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 START_TIMEOUT_SECONDS = 20.0  # a replica that does not answer /healthz by then has failed to start
@@ -63,12 +63,6 @@ def run_slug() -> Iterator[str]:
     finally:
         client.delete(f"hivewire:presence:{slug}")
         client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path) -> None:

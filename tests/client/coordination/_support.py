@@ -8,7 +8,7 @@ later turn of the loop, only along links the test made.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,8 +16,6 @@ from hivewire.coordination import COORDINATION_SCHEMAS, RecordHandler
 from hivewire.identity import PeerIdentity
 from hivewire.mesh import ControlCodec, LinkError
 
-# Every wait in these tests is bounded by this; in one process each step takes milliseconds.
-WAIT_S = 10.0
 T = TypeVar("T")
 
 
@@ -41,25 +39,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-async def within(awaitable: Awaitable[T], what: str, seconds: float = WAIT_S) -> T:
-    """Await with a bound, failing with a sentence that says what did not happen."""
-    try:
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    except TimeoutError:
-        raise AssertionError(f"{what} did not happen within {seconds} s") from None
-
-
-async def eventually(condition: Callable[[], bool], what: str, seconds: float = WAIT_S) -> None:
-    """Poll ``condition`` until it holds, with a bound."""
-
-    async def poll() -> None:
-        while not condition():  # noqa: ASYNC110 (state owned by code under test, no event to wait on)
-            await asyncio.sleep(0.01)
-
-    await within(poll(), what, seconds)
 
 
 @dataclass

@@ -11,7 +11,8 @@ import pytest
 from hivewire.coordination import Group, Matchmaker, MatchmakingSettings, RoundAbandoned, form_groups, round_id
 from hivewire.identity import peer_id_from_key
 from hivewire.mesh import ControlRecordError
-from tests.client.coordination._support import GossipHub, HubTransport, within
+from tests.client.coordination._support import GossipHub, HubTransport
+from tests.support import within
 
 FAST = MatchmakingSettings(group_size=4, connect_timeout_s=0.2, agreement_timeout_s=0.4, max_attempts=3)
 

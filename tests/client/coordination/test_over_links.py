@@ -11,7 +11,8 @@ from hivewire.coordination import Matchmaker, MatchmakingSettings, ProgressSetti
 from hivewire.identity import CertificateVerifier
 from tests.client._fakes import RUN
 from tests.client.coordination._links import LinkSwarm
-from tests.client.coordination._support import Member, within
+from tests.client.coordination._support import Member
+from tests.support import within
 
 
 @pytest.fixture

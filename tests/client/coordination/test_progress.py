@@ -19,7 +19,8 @@ from hivewire.coordination import (
 )
 from hivewire.identity import CertificateVerifier
 from tests.client._fakes import RUN
-from tests.client.coordination._support import Clock, GossipHub, Member, eventually
+from tests.client.coordination._support import Clock, GossipHub, Member
+from tests.support import eventually
 
 NOW = 1_764_000_000.0
 MakeTracker = Callable[..., ProgressTracker]

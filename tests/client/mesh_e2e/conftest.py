@@ -9,7 +9,6 @@ the real SignalingClient and DescriptionVerifier.
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from hivewire.mesh.neighbours import Backoff
 from hivewire.signaling import DescriptionVerifier, SignalingClient, SignalingSettings
 from hivewire.signaling import client as signaling_client
 from tests.conftest import RUN, Account, new_user
+from tests.support import free_port
 
 LOOPBACK = "127.0.0.1"
 SLUG = str(RUN["slug"])
@@ -60,12 +60,6 @@ def _loopback_only() -> Iterator[None]:
     assert aioice.ice.get_host_addresses(True, True) == [LOOPBACK]
     yield
     restrict_host_addresses(None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 class Server:

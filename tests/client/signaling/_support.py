@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -13,8 +11,6 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from hivewire.identity import PeerIdentity
 
 LOOPBACK = "127.0.0.1"
-# Every wait in these tests is bounded by this; on loopback each step takes well under a second.
-WAIT_S = 10.0
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ", re.MULTILINE)
 T = TypeVar("T")
 
@@ -24,25 +20,6 @@ def assert_loopback_only(sdp: str) -> str:
     addresses = set(_CANDIDATE.findall(sdp))
     assert addresses <= {LOOPBACK}, f"non-loopback candidates in SDP: {addresses}"
     return sdp
-
-
-async def within(awaitable: Awaitable[T], what: str, seconds: float = WAIT_S) -> T:
-    """Await with a bound, failing with a sentence that says what did not happen."""
-    try:
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    except TimeoutError:
-        raise AssertionError(f"{what} did not happen within {seconds} s") from None
-
-
-async def eventually(condition: Callable[[], bool], what: str, seconds: float = WAIT_S) -> None:
-    """Poll `condition` until it holds, with a bound."""
-
-    async def poll() -> None:
-        while not condition():  # noqa: ASYNC110 (state owned by code under test, no event to wait on)
-            await asyncio.sleep(0.02)
-
-    await within(poll(), what, seconds)
 
 
 @dataclass

@@ -28,8 +28,9 @@ from hivewire.signaling import (
 from hivewire_server.core.config import Settings
 from hivewire_server.main import create_app
 from tests.client._fakes import raw_public
-from tests.client.signaling._support import LOOPBACK, assert_loopback_only, new_pc, within
+from tests.client.signaling._support import LOOPBACK, assert_loopback_only, new_pc
 from tests.conftest import Account, make_settings
+from tests.support import within
 
 SERVER_START_TIMEOUT_S = 10.0  # uvicorn that has not started by then failed
 SERVER_STOP_TIMEOUT_S = 10.0

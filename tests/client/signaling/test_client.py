@@ -31,7 +31,8 @@ from hivewire.signaling import (
     Welcome,
 )
 from tests.client.signaling._relay import Relay
-from tests.client.signaling._support import LOOPBACK, Member, eventually, within
+from tests.client.signaling._support import LOOPBACK, Member
+from tests.support import eventually, within
 
 FAST = SignalingSettings(backoff=Backoff(initial_s=0.05, max_s=0.2), start_timeout_s=5.0, request_timeout_s=5.0)
 

@@ -27,7 +27,8 @@ from hivewire.signaling import (
 )
 from tests.client._fakes import RUN
 from tests.client.signaling._relay import Envelope, Relay
-from tests.client.signaling._support import Member, assert_loopback_only, new_pc, within
+from tests.client.signaling._support import Member, assert_loopback_only, new_pc
+from tests.support import within
 
 _FINGERPRINT_LINES = re.compile(r"^a=fingerprint:[^\r\n]*\r\n", re.MULTILINE)
 
