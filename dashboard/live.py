@@ -1,7 +1,8 @@
 """Live updates of a run page over server-sent events: `GET /runs/{slug}/events`.
 
-Each stream reads the run's progress and leaderboard every few seconds with a short-lived database session
-and sends them when they changed (a comment line otherwise, which is also how a closed client is noticed).
+Each stream sends the run's progress and leaderboard every few seconds when they changed (a comment line
+otherwise, which is also how a closed client is noticed). Streams of one run share one snapshot per poll, so
+the database sees one set of queries per run however many pages are open.
 Streams are bounded per process and end after a while: EventSource reconnects by itself, and a server that
 shuts down never waits long for an open page."""
 
@@ -29,11 +30,13 @@ RETRY_MILLISECONDS = 3000
 
 
 class StreamSlots:
-    """A counter of open streams: a page past the limit is told to come back later (503, Retry-After)."""
+    """Open streams, counted (a page past the limit is told to come back later: 503, Retry-After), and the
+    latest snapshot of each run they show, with its monotonic time."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
+        self.snapshots: dict[int, tuple[float, str]] = {}
 
     def take(self) -> bool:
         if self.open >= self.limit:
@@ -43,6 +46,8 @@ class StreamSlots:
 
     def release(self) -> None:
         self.open -= 1
+        if not self.open:
+            self.snapshots.clear()  # nobody watches: forget runs that may be gone
 
 
 def _slots(request: Request) -> StreamSlots:
@@ -52,13 +57,19 @@ def _slots(request: Request) -> StreamSlots:
     return state.dashboard_streams  # type: ignore[no-any-return]
 
 
-async def snapshot(request: Request, run: Run) -> str:
-    """The run's progress and leaderboard as JSON, read in a session of its own (streams outlive requests)."""
+async def snapshot(request: Request, run: Run, slots: StreamSlots) -> str:
+    """The run's progress and leaderboard as JSON: the shared one while it is fresh, else read anew in a
+    session of its own (streams outlive the request's session)."""
+    taken, cached = slots.snapshots.get(run.id, (float("-inf"), ""))
+    if time.monotonic() - taken < POLL_SECONDS:
+        return cached
     live_seconds = request.app.state.settings.peer_live_seconds
     async with request.app.state.sessions() as session:
         now = await overview.progress(session, run=run, live_seconds=live_seconds)
         rows = await leaderboard.leaderboard(session, run=run)
-    return json.dumps({"progress": now.as_json(), "leaderboard": [row.model_dump() for row in rows]})
+    text = json.dumps({"progress": now.as_json(), "leaderboard": [row.model_dump() for row in rows]})
+    slots.snapshots[run.id] = (time.monotonic(), text)
+    return text
 
 
 async def _events(request: Request, run: Run, slots: StreamSlots) -> AsyncIterator[str]:
@@ -67,7 +78,7 @@ async def _events(request: Request, run: Run, slots: StreamSlots) -> AsyncIterat
         last = ""
         deadline = time.monotonic() + STREAM_LIFETIME_SECONDS
         while time.monotonic() < deadline:
-            current = await snapshot(request, run)
+            current = await snapshot(request, run, slots)
             yield f"event: update\ndata: {current}\n\n" if current != last else ": unchanged\n\n"
             last = current
             await asyncio.sleep(POLL_SECONDS)

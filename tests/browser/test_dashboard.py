@@ -11,7 +11,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from tests.browser.conftest import PHONE, LiveServer, needs_browser, screenshot, sign_in, wait_for
+from tests.browser.conftest import LAPTOP, PHONE, LiveServer, needs_browser, screenshot, sign_in, wait_for
 from tests.conftest import PASSWORD
 from tests.server._accounting import joined, post_receipt, post_reports, receipt
 from tests.server.test_join import new_peer_key
@@ -178,6 +178,8 @@ def test_banned_volunteer_is_refused_and_unbanned_may_join_again(
     wait_for(browser, lambda d: d.find_elements(By.ID, "cmd-3"), "the join commands")
     assert text(browser, "#cmd-2") == f"hivewire login {live_server.url}"
     assert text(browser, "#cmd-3") == f"hivewire join {live_server.url}/runs/{slug}"
+    browser.find_element(By.CSS_SELECTOR, "button[data-copy=cmd-3]").click()
+    wait_for(browser, lambda d: text(d, "button[data-copy=cmd-3]") != "Copy", "the copy button's answer")
     screenshot(browser, "join")
 
     sign_in(browser, live_server, live_server.organizer)
@@ -197,6 +199,10 @@ def test_banned_volunteer_is_refused_and_unbanned_may_join_again(
     wait_for(browser, lambda d: "banned" in text(d, row), "the ban")
     assert "spam reports" in text(browser, row)
     screenshot(browser, "manage")
+    browser.set_window_size(*PHONE)
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= PHONE[0]
+    screenshot(browser, "manage-phone")
+    browser.set_window_size(*LAPTOP)
 
     join = {"peer_key": new_peer_key()[1]}
     again = live_server.http.post(f"/api/runs/{slug}/join", json=join, headers=volunteer.headers)
