@@ -9,9 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -56,26 +59,52 @@ def organizer(http: httpx.Client) -> Account:
 
 @dataclass
 class Volunteer:
-    """One `hivewire join` process and where it writes."""
+    """One `hivewire join` process; a thread collects its output line by line as it comes."""
 
     name: str
     home: Path
     process: subprocess.Popen[str] | None = None
-    output: str = ""
-    args: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
 
     @property
     def checkpoint(self) -> Path:
         return self.home / "checkpoint" / "model.pt"
 
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def start(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.lines.append(line)
+
+    def wait_for(self, text: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Until a line containing ``text`` was printed; fails after ``timeout_s`` or when the process exited."""
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in self.lines):
+            assert self.process is not None
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.wait()
+                pytest.fail(f"{self.name} never printed {text!r}:\n{self.output[-4000:]}")
+            time.sleep(0.05)
+
     def wait(self, timeout_s: float = JOIN_TIMEOUT_S) -> int:
-        assert self.process is not None
+        assert self.process is not None and self._reader is not None
         try:
-            self.output, _ = self.process.communicate(timeout=timeout_s)
+            self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.output, _ = self.process.communicate()
+            self.process.wait()
+            self._reader.join()
             pytest.fail(f"{self.name} did not exit within {timeout_s} s:\n{self.output[-4000:]}")
+        self._reader.join()
         return self.process.returncode
 
 
@@ -95,8 +124,9 @@ class Volunteers:
             "HIVEWIRE_SERVER": self.server.url,
             "HIVEWIRE_TOKEN": user.token,
             "OMP_NUM_THREADS": "1",  # several volunteers share this machine's cores
+            "PYTHONUNBUFFERED": "1",  # lines as they are printed, for wait_for()
         }
-        volunteer.args = [
+        args = [
             HIVEWIRE,
             "join",
             f"{self.server.url}/runs/{slug}",
@@ -106,9 +136,7 @@ class Volunteers:
             str(volunteer.home / "checkpoint"),
             *args,
         ]
-        volunteer.process = subprocess.Popen(
-            volunteer.args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        volunteer.start(args, env)
         self.started.append(volunteer)
         return volunteer
 
@@ -120,4 +148,4 @@ def volunteers(server: Server, http: httpx.Client, organizer: Account, tmp_path:
     for volunteer in factory.started:
         if volunteer.process is not None and volunteer.process.poll() is None:
             volunteer.process.kill()
-            volunteer.process.communicate()
+            volunteer.wait()

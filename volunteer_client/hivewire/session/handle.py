@@ -44,6 +44,10 @@ class NetworkFailed(HivewireError):
     advice = "Check the lines above for the cause; run `hivewire doctor <run url>` to test this machine's network."
 
 
+class RoundSkipped(Exception):
+    """The epoch's round did not happen (no group, or the run moved on): the step is skipped, work kept."""
+
+
 class NetworkHandle:
     """The network process and its Pipe, seen from the trainer."""
 
@@ -79,13 +83,15 @@ class NetworkHandle:
             self._take(self._recv())
 
     def average(self, epoch: int, tensors: list[torch.Tensor], weight: float) -> list[torch.Tensor]:
-        """The group's weighted mean of ``tensors`` for the round of ``epoch`` (ours where the round failed)."""
+        """The group's weighted mean of ``tensors`` for the round of ``epoch``; RoundSkipped without a round."""
         flat = torch.cat([tensor.detach().reshape(-1).to("cpu", torch.float32) for tensor in tensors])
         self.buffer.copy_(flat)
         self._conn.send(Average(epoch, weight))
         answer = self._receive(ROUND_TIMEOUT_S, Averaged, f"to average epoch {epoch}")
         assert isinstance(answer, Averaged)
         self.last_round = answer
+        if not answer.ok:
+            raise RoundSkipped(f"epoch {epoch}: {answer.detail}")
         out, offset = [], 0
         for tensor in tensors:
             part = self.buffer[offset : offset + tensor.numel()]

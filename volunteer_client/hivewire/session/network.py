@@ -78,6 +78,15 @@ async def _poll_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
     return predicate()
 
 
+def _holders(hashes: dict[str, str], digest: str) -> tuple[str, ...]:
+    return tuple(sorted(peer for peer, held in hashes.items() if held == digest))
+
+
+def _rank(peer: str) -> int:
+    """Order of peer ids as a number, so that max() can prefer the lowest."""
+    return int.from_bytes(peer.encode(), "big")
+
+
 def link_kind(link: Link) -> str:
     """host, reflexive or relay: the candidate types of the pair ICE nominated (aioice internals, best effort)."""
     try:
@@ -212,6 +221,10 @@ class NetworkSide:
         """Matchmake for the epoch, run the butterfly on the shared buffer, answer; never leaves it waiting."""
         async with self._bulk:
             view = self.tracker.view()
+            if view.epoch > request.epoch:  # stepping now would fork the model: catch up instead
+                detail = f"the run is at epoch {view.epoch}, past ours ({request.epoch})"
+                await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, detail))
+                return
             peers = view.peers if view.epoch == request.epoch else (self.me,)
             try:
                 group = await self.matchmaker.matchmake(request.epoch, peers)
@@ -253,24 +266,51 @@ class NetworkSide:
         """The run is past our epoch, not merely past the report of a round we just finished with it."""
         return self.tracker.view().epoch > max(self.tracker.local.epoch, self._next_epoch)
 
+    def _donors(self) -> tuple[str, ...]:
+        """Peers to download the run's state from: when we are behind, or when our parameters diverged.
+
+        Divergence (a round that one member finished alone): among the peers at our epoch, the parameter
+        hash most of them gossip wins, a tie going to the hash of the lowest peer id; its holders are donors.
+        """
+        view, local = self.tracker.view(), self.tracker.local
+        if self._behind():
+            return tuple(peer for peer in view.peers if peer != self.me)
+        if view.epoch != local.epoch or local.param_hash is None:
+            return ()
+        hashes = {peer: digest for peer, digest in view.param_hashes.items() if digest is not None}
+        counts = Counter(hashes.values())
+        winner = max(counts, key=lambda digest: (counts[digest], -min(map(_rank, _holders(hashes, digest)))))
+        return () if winner == local.param_hash else _holders(hashes, winner)
+
     async def _catch_up(self) -> None:
-        """When the run is past our epoch (we missed rounds), hand the trainer a neighbour's state."""
+        """When the run is past our epoch or our parameters diverged, hand the trainer a neighbour's state."""
         while True:
             await asyncio.sleep(CATCH_UP_INTERVAL_S)
-            if not self._behind():
+            if not self._donors():
                 continue
             async with self._bulk:  # a round in flight may be the one that brings us level
-                if not self._behind():
+                donors = self._donors()
+                if not donors:
                     continue
                 view = self.tracker.view()
                 logger.warning(
-                    "the run is at epoch %d and we at %d: downloading its state", view.epoch, view.local_epoch
+                    "the run is at epoch %d and we at %d%s: downloading its state from %s",
+                    view.epoch,
+                    view.local_epoch,
+                    "" if view.epoch > view.local_epoch else " with other parameters (a round we missed)",
+                    donors[0],
                 )
-                state = await self._download(view.epoch, view.peers)
+                state = await self._download(view.epoch, donors)
             if state is None:
                 continue
             await self._send(state)
-            await _poll_until(lambda epoch=state.epoch: self.tracker.local.epoch >= epoch, LOADED_TIMEOUT_S)
+            await _poll_until(
+                lambda state=state: (
+                    self.tracker.local.epoch > state.epoch
+                    or (self.tracker.local.epoch == state.epoch and self.tracker.local.param_hash == state.param_hash)
+                ),
+                LOADED_TIMEOUT_S,
+            )
 
     async def _download(self, epoch: int, peers: tuple[str, ...]) -> StateBlob | None:
         """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does.

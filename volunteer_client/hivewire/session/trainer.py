@@ -23,7 +23,7 @@ import torch
 
 from hivewire.optim import Dedloc, Diloco, Strategy, StrategyError, parameter_hash
 from hivewire.recipes import Recipe, shard_seed
-from hivewire.session.handle import NetworkHandle
+from hivewire.session.handle import NetworkHandle, RoundSkipped
 from hivewire.session.messages import StateBlob
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,11 @@ class ProgressLine:
             self._stream.write(text + "\n")
             self._stream.flush()
 
+    def note(self, text: str) -> None:
+        """A line that stays (an event), printed above the live line."""
+        self._stream.write(("\r\033[K" if self._live else "") + text + "\n")
+        self._stream.flush()
+
     def close(self) -> None:
         if self._live:
             self._stream.write("\n")
@@ -124,10 +129,11 @@ def train(
     strategy.model.to(config.device)
     result, line = TrainResult(), ProgressLine()
     state = network.wait_started()
-    if state is not None:
-        load_state(strategy, state)
-    network.snapshot(strategy.epoch, serialize(strategy), parameter_hash(strategy.model))
-    network.report(strategy.epoch, 0, 0.0, parameter_hash(strategy.model))
+    if state is not None and load_state(strategy, state):
+        line.note(f"Downloaded the run's state at epoch {state.epoch} from {state.donor}")
+    digest = parameter_hash(strategy.model)  # of this epoch's parameters, gossiped to detect divergence
+    network.snapshot(strategy.epoch, serialize(strategy), digest)
+    network.report(strategy.epoch, 0, 0.0, digest)
     epoch_losses: list[float] = []
     batches = recipe.batches(shard_seed(peer_id), config.batch_size, config.device)
     started, samples_seen = time.monotonic(), 0
@@ -136,9 +142,13 @@ def train(
             # what the network said since the last micro-batch: the run's view, a state to catch up with
             network.poll()
             while network.pending:
-                if load_state(strategy, network.pending.popleft()):
+                state = network.pending.popleft()
+                if load_state(strategy, state):
+                    line.note(f"Caught up: downloaded the run's state at epoch {state.epoch} from {state.donor}")
                     epoch_losses.clear()
-                    network.report(strategy.epoch, 0, 0.0, parameter_hash(strategy.model))
+                    digest = parameter_hash(strategy.model)
+                    network.snapshot(strategy.epoch, serialize(strategy), digest)
+                    network.report(strategy.epoch, 0, 0.0, digest)
             # one micro-batch: forward, backward (gradients weighted by samples)
             batch = next(batches)
             loss = recipe.loss(strategy.model, batch)
@@ -148,16 +158,19 @@ def train(
             result.steps += 1
             samples_seen += samples
             rate = samples_seen / max(time.monotonic() - started, 1e-6)
-            network.report(strategy.epoch, strategy.samples_accumulated, rate)
+            network.report(strategy.epoch, strategy.samples_accumulated, rate, digest)
             # the epoch boundary: dedloc steps when the run reached its target batch; diloco every batch
             epoch = strategy.epoch
             view = network.view
             if isinstance(strategy, Diloco) or (view is not None and view.ready and view.epoch == epoch):
-                strategy.step()
+                try:
+                    strategy.step()
+                except RoundSkipped as exc:  # nothing changed; the network side catches up or we retry
+                    logger.warning("%s; keeping this epoch's gradients", exc)
             if strategy.epoch != epoch:
                 result.losses.append(sum(epoch_losses) / len(epoch_losses))
                 epoch_losses.clear()
-                _after_round(strategy, network, rate)
+                digest = _after_round(strategy, network, rate)
             line.update(
                 _progress_text(strategy, network, epoch_losses, result, rate), epoch_done=strategy.epoch != epoch
             )
@@ -181,16 +194,15 @@ def _done(result: TrainResult, strategy: Strategy, config: TrainConfig) -> bool:
     )
 
 
-def _after_round(strategy: Strategy, network: NetworkHandle, rate: float) -> None:
-    """A round ended: tell the run our new epoch and hash, and serve the new state to late joiners."""
+def _after_round(strategy: Strategy, network: NetworkHandle, rate: float) -> str:
+    """A round ended: tell the run our new epoch and hash, serve the new state to late joiners; the hash."""
     round_ = network.last_round
-    if round_ is not None and not round_.ok:
-        logger.warning("epoch %d: %s; stepped with this peer's own gradients", round_.epoch, round_.detail)
-    elif round_ is not None and round_.excluded:
+    if round_ is not None and round_.excluded:
         logger.warning("epoch %d: excluded from the round: %s", round_.epoch, round_.excluded)
     digest = parameter_hash(strategy.model)
     network.report(strategy.epoch, 0, rate, digest)  # the rate lets others extrapolate our samples at once
     network.snapshot(strategy.epoch, serialize(strategy), digest)
+    return digest
 
 
 def _progress_text(
