@@ -58,6 +58,11 @@
     }
   }
 
+  function redraw() {
+    // A failed fetch (server restarting) leaves the old charts; the next update tries again.
+    refreshCharts().catch(() => {});
+  }
+
   function showProgress(progress) {
     for (const cell of document.querySelectorAll("#progress [data-key]")) {
       const value = progress[cell.dataset.key];
@@ -93,16 +98,28 @@
     if (status.textContent !== text) status.textContent = text;
   }
 
-  refreshCharts();
-  const events = new EventSource(`/runs/${encodeURIComponent(slug)}/events`);
-  events.addEventListener("open", () => setStatus("Live updates: on"));
-  events.addEventListener("error", () => setStatus("Live updates: reconnecting…"));
-  events.addEventListener("update", (event) => {
+  function onUpdate(event) {
     const data = JSON.parse(event.data);
     showProgress(data.progress);
     showLeaderboard(data.leaderboard);
-    refreshCharts();
+    redraw();
     main.dataset.updates = String(Number(main.dataset.updates || 0) + 1);
-  });
+  }
+
+  // EventSource retries a dropped stream by itself, but gives up on an error status (a busy server answers
+  // 503): then a new one is opened a little later.
+  let events = null;
+  function connect() {
+    events = new EventSource(`/runs/${encodeURIComponent(slug)}/events`);
+    events.addEventListener("open", () => setStatus("Live updates: on"));
+    events.addEventListener("update", onUpdate);
+    events.addEventListener("error", () => {
+      setStatus("Live updates: reconnecting…");
+      if (events.readyState === EventSource.CLOSED) setTimeout(connect, 15000);
+    });
+  }
+
+  redraw();
+  connect();
   window.addEventListener("pagehide", () => events.close());
 })();
