@@ -5,9 +5,15 @@
   const slug = document.getElementById("main").dataset.run;
   const status = document.getElementById("failures-status");
   const table = document.getElementById("failures");
-  const response = await fetch(`/api/runs/${encodeURIComponent(slug)}/verification-failures`, {
-    headers: { Accept: "application/json" },
-  });
+  let response;
+  try {
+    response = await fetch(`/api/runs/${encodeURIComponent(slug)}/verification-failures`, {
+      headers: { Accept: "application/json" },
+    });
+  } catch {
+    status.textContent = "Could not reach the server; reload the page to try again.";
+    return;
+  }
   if (!response.ok) {
     status.textContent = `Could not load the failures (HTTP ${response.status}).`;
     return;
