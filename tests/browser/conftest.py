@@ -5,7 +5,6 @@ driven by Selenium through Debian's chromedriver (never Selenium Manager, which 
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +23,11 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from hivewire_server.main import create_app
 from tests.conftest import PASSWORD, RUN, Account, make_settings, new_user
+from tests.support import LOOPBACK, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
-LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 WAIT_S = 10.0  # a page condition: the live stream polls every 2 s, so updates show within about 4 s
@@ -73,9 +72,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path)
     """One server per module with an organizer (the first account) and a volunteer, made through the API."""
     database = tmp_path_factory.mktemp("browser") / "hivewire.db"
     shutil.copy(sqlite_template, database)
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        port = int(probe.getsockname()[1])
+    port = free_port()
     url = f"http://{LOOPBACK}:{port}"
     app = create_app(make_settings(f"sqlite:///{database}", public_url=url))
     # Open event streams end when the browser goes; the grace period only bounds a test that failed midway.
