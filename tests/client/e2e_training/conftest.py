@@ -105,6 +105,7 @@ class Volunteer:
             self._reader.join()
             pytest.fail(f"{self.name} did not exit within {timeout_s} s:\n{self.output[-4000:]}")
         self._reader.join()
+        (self.home / "output.log").write_text(self.output)  # the whole of it, for a failure's post-mortem
         return self.process.returncode
 
 
