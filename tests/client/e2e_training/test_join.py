@@ -1,5 +1,7 @@
 """`hivewire join` end to end: volunteers train tiny-lm under dedloc through the real server and agree bit for bit."""
 
+import signal
+
 import httpx
 import pytest
 import torch
@@ -11,7 +13,10 @@ from tests.conftest import Account
 
 pytestmark = pytest.mark.slow
 
+LEAVE_TIMEOUT_S = 20.0  # from Ctrl-C to exit: the network process closes the mesh well within this
+
 EPOCHS = 6
+LATE_EPOCHS = 12
 EVAL_BATCHES = 4
 
 
@@ -40,9 +45,42 @@ def test_two_volunteers_train_to_identical_models(volunteers: Volunteers) -> Non
     second = torch.load(bob.checkpoint, weights_only=True)
     assert first.keys() == second.keys()
     for name, tensor in first.items():
-        assert torch.equal(tensor, second[name]), f"{name} differs between the volunteers"
+        assert torch.equal(tensor, second[name]), f"{name} differs between the volunteers\n{outputs}"
     before, after = held_out_loss(None), held_out_loss(first)
     assert after < before - 0.5, f"held-out loss {before:.3f} -> {after:.3f}: the model did not learn"
+
+
+def test_a_late_joiner_downloads_the_state_and_ends_identical(
+    volunteers: Volunteers, http: httpx.Client, organizer: Account
+) -> None:
+    """A third volunteer joins mid-run, downloads model + optimizer state, and ends bit-identical."""
+    # Epochs twice as long: the third volunteer takes ~10 s to start on two busy cores.
+    spec = {**E2E_RUN, "slug": "late-joiner", "target_batch_size": 1024}
+    assert http.post("/api/runs", json=spec, headers=organizer.headers).status_code == 201
+    args = ("--max-epochs", str(LATE_EPOCHS), "--batch-size", "8")
+    alice = volunteers.join("alice", *args, slug="late-joiner")
+    bob = volunteers.join("bob", *args, slug="late-joiner")
+    alice.wait_for(" | loss ")  # a round done (or a state downloaded): the run is under way
+    carol = volunteers.join("carol", *args, slug="late-joiner")
+    codes = [alice.wait(), bob.wait(), carol.wait()]
+    outputs = "\n".join(f"--- {v.name}:\n{v.output[-3000:]}" for v in (alice, bob, carol))
+    assert codes == [0, 0, 0], outputs
+    assert "downloaded the run's state at epoch" in carol.output.lower(), outputs
+    models = [torch.load(v.checkpoint, weights_only=True) for v in (alice, bob, carol)]
+    for name, tensor in models[0].items():
+        assert all(torch.equal(tensor, other[name]) for other in models[1:]), f"{name} differs\n{outputs}"
+
+
+def test_ctrl_c_leaves_the_run_gracefully(volunteers: Volunteers) -> None:
+    """SIGINT mid-training: the round is abandoned, the mesh closed, goodbye said, exit status 130."""
+    alone = volunteers.join("dave", "--max-epochs", "1000", "--batch-size", "8")
+    alone.wait_for(" | loss ")
+    assert alone.process is not None
+    alone.process.send_signal(signal.SIGINT)
+    assert alone.wait(timeout_s=LEAVE_TIMEOUT_S) == 130, alone.output[-3000:]
+    assert f"Left run {SLUG} at epoch" in alone.output
+    assert "Goodbye." in alone.output
+    assert "Traceback" not in alone.output
 
 
 def test_a_run_with_a_recipe_this_client_lacks_is_refused(

@@ -101,15 +101,14 @@ class NetworkHandle:
 
     def leave(self) -> None:
         """Ask the network process to leave the run and wait for it; terminate it if it lingers."""
-        if self._process.is_alive():
-            try:
-                self._conn.send(Leave())
-                deadline = time.monotonic() + LEAVE_TIMEOUT_S
-                while time.monotonic() < deadline and self._conn.poll(max(0.0, deadline - time.monotonic())):
-                    if isinstance(self._recv(), Left):
-                        break
-            except (OSError, EOFError, NetworkFailed):
-                pass  # it is gone already
+        try:
+            self._conn.send(Leave())
+            deadline = time.monotonic() + LEAVE_TIMEOUT_S
+            while self._conn.poll(max(0.0, deadline - time.monotonic())):
+                if isinstance(self._conn.recv(), Left | Failed):
+                    break
+        except (OSError, EOFError):
+            pass  # it is gone already
         self._process.join(LEAVE_TIMEOUT_S)
         if self._process.is_alive():
             logger.warning("the network process did not exit within %s s; terminating it", LEAVE_TIMEOUT_S)

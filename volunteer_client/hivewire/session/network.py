@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import signal
@@ -29,6 +30,7 @@ import torch
 from hivewire.averaging import LinkGroupTransport, butterfly_allreduce, get_codec
 from hivewire.coordination import (
     COORDINATION_SCHEMAS,
+    Group,
     Matchmaker,
     MatchmakingSettings,
     ProgressSettings,
@@ -57,7 +59,7 @@ from hivewire.signaling import DescriptionVerifier, SignalingClient
 logger = logging.getLogger(__name__)
 
 CATCH_UP_INTERVAL_S = 1.0  # how often we check whether the run moved past our epoch
-LOADED_TIMEOUT_S = 30.0  # after handing the trainer a state, wait this long for it to report that epoch
+LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
 _POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
 
 
@@ -71,7 +73,8 @@ def run_network(config: NetworkConfig, conn: Connection, buffer: torch.Tensor) -
 
 async def _poll_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
     """Whether ``predicate`` became true within ``timeout_s``, checked every _POLL_S."""
-    for _ in range(math.ceil(timeout_s / _POLL_S)):
+    polls = itertools.count() if math.isinf(timeout_s) else range(math.ceil(timeout_s / _POLL_S))
+    for _ in polls:
         if predicate():
             return True
         await asyncio.sleep(_POLL_S)
@@ -226,10 +229,9 @@ class NetworkSide:
                 await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, detail))
                 return
             peers = view.peers if view.epoch == request.epoch else (self.me,)
-            try:
-                group = await self.matchmaker.matchmake(request.epoch, peers)
-            except RoundAbandoned as exc:
-                await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, f"no group agreed: {exc}"))
+            group = await self._matchmake(request.epoch, peers)
+            if isinstance(group, str):
+                await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, group))
                 return
             links = {m: link for m in group.members if m != self.me and (link := self.mesh.link(m)) is not None}
             result, report = await butterfly_allreduce(
@@ -245,6 +247,28 @@ class NetworkSide:
             self._next_epoch = request.epoch + 1
             excluded = {peer: f"{why.cause}: {why.detail}" for peer, why in report.excluded.items()}
             await self._send(Averaged(request.epoch, True, group.members, excluded, report.averaged_fraction))
+
+    async def _matchmake(self, epoch: int, peers: tuple[str, ...]) -> Group | str:
+        """The agreed group, or why there is none; gives up as soon as the run moves past ``epoch``.
+
+        Without that, a peer that proposes to members who already finished the epoch without it (it just
+        joined) would wait out every agreement deadline while holding the bulk channels it needs to catch up.
+        """
+        matchmaking = asyncio.ensure_future(self.matchmaker.matchmake(epoch, peers))
+        moved_on = asyncio.ensure_future(_poll_until(lambda: self.tracker.view().epoch > epoch, math.inf))
+        try:
+            await asyncio.wait({matchmaking, moved_on}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved_on.cancel()
+            if not matchmaking.done():
+                matchmaking.cancel()
+                await asyncio.gather(matchmaking, return_exceptions=True)
+        if matchmaking.cancelled():
+            return f"the run moved past epoch {epoch} before a group agreed"
+        try:
+            return matchmaking.result()
+        except RoundAbandoned as exc:
+            return f"no group agreed: {exc}"
 
     # ------------------------------------------------------------------------------ late joiners
 
@@ -282,6 +306,12 @@ class NetworkSide:
         winner = max(counts, key=lambda digest: (counts[digest], -min(map(_rank, _holders(hashes, digest)))))
         return () if winner == local.param_hash else _holders(hashes, winner)
 
+    def _loaded(self, state: StateBlob) -> bool:
+        """The trainer reports the state we handed it (or a later one); a hash unknown to us cannot be told apart."""
+        local = self.tracker.local
+        same = state.param_hash is None or local.param_hash == state.param_hash
+        return local.epoch > state.epoch or (local.epoch == state.epoch and same)
+
     async def _catch_up(self) -> None:
         """When the run is past our epoch or our parameters diverged, hand the trainer a neighbour's state."""
         while True:
@@ -304,13 +334,7 @@ class NetworkSide:
             if state is None:
                 continue
             await self._send(state)
-            await _poll_until(
-                lambda state=state: (
-                    self.tracker.local.epoch > state.epoch
-                    or (self.tracker.local.epoch == state.epoch and self.tracker.local.param_hash == state.param_hash)
-                ),
-                LOADED_TIMEOUT_S,
-            )
+            await _poll_until(lambda state=state: self._loaded(state), LOADED_TIMEOUT_S)
 
     async def _download(self, epoch: int, peers: tuple[str, ...]) -> StateBlob | None:
         """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does.
