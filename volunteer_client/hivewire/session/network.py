@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 CATCH_UP_INTERVAL_S = 1.0  # how often we check whether the run moved past our epoch
 LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
+LINGER_S = 5.0  # at most this long for the bulk channels to drain before leaving
+LINGER_GRACE_S = 0.5  # then this long for the last packets to be acknowledged
 _POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
 
 
@@ -162,12 +164,24 @@ class NetworkSide:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._linger()
             await self.tracker.close()
             await self.states.close()
             await self.mesh.close()
             certificates.close()
             with contextlib.suppress(OSError):
                 await self._send(Left())
+
+    async def _linger(self) -> None:
+        """Let what we queued on the bulk channels (a last round's results) leave before the links close.
+
+        Peers that reach --max-epochs together leave right after the last round; closing at once could cut
+        a result another member still waits for, and that member would keep its own values (and diverge).
+        """
+        links = [link for peer in self.mesh.neighbours if (link := self.mesh.link(peer)) is not None]
+        drained = await _poll_until(lambda: all(link.bulk_channel.bufferedAmount == 0 for link in links), LINGER_S)
+        if drained and links:
+            await asyncio.sleep(LINGER_GRACE_S)  # bufferedAmount counts what SCTP has yet to send, not acks
 
     # ------------------------------------------------------------------------------ the trainer's side
 
