@@ -43,7 +43,7 @@ def test_token_login_whoami_runs_and_join(
     assert f"hivewire join {SERVER}/runs/{run_slug}" in result.stdout
 
     for _ in range(2):  # joining again keeps the peer id
-        result = hivewire(client, tmp_path, "join", f"{SERVER}/runs/{run_slug}")
+        result = hivewire(client, tmp_path, "join", f"{SERVER}/runs/{run_slug}", "--dry-run")
         assert result.exit_code == 0, result.output
         assert f"peer id      {load_or_create_identity(tmp_path / 'peer_key.pem').peer_id}" in result.stdout
         assert "ICE servers  stun, turn" in result.stdout
