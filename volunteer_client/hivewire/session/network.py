@@ -58,7 +58,7 @@ from hivewire.signaling import DescriptionVerifier, SignalingClient
 
 logger = logging.getLogger(__name__)
 
-CATCH_UP_INTERVAL_S = 1.0  # how often we check whether the run moved past our epoch
+CATCH_UP_INTERVAL_S = 0.25  # how often we check whether the run moved past our epoch (a joiner races its round)
 LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
 LINGER_S = 5.0  # at most this long for the bulk channels to drain before leaving
 LINGER_GRACE_S = 0.5  # then this long for the last packets to be acknowledged
