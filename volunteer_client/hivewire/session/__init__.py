@@ -1,0 +1,1 @@
+"""A volunteer's session in a run: the trainer (this process) and the network process, and what they share."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -95,7 +96,8 @@ def _rank(peer: str) -> int:
 def link_kind(link: Link) -> str:
     """host, reflexive or relay: the candidate types of the pair ICE nominated (aioice internals, best effort)."""
     try:
-        connection = link._pc.sctp.transport.transport._connection  # RTCIceTransport's aioice Connection
+        sctp: Any = link._pc.sctp  # None until negotiated: the AttributeError below covers it
+        connection = sctp.transport.transport._connection  # RTCIceTransport's aioice Connection
         pair = next(iter(connection._nominated.values()))
         types = {pair.local_candidate.type, pair.remote_candidate.type}
     except (AttributeError, StopIteration):
@@ -348,7 +350,7 @@ class NetworkSide:
             if state is None:
                 continue
             await self._send(state)
-            await _poll_until(lambda state=state: self._loaded(state), LOADED_TIMEOUT_S)
+            await _poll_until(functools.partial(self._loaded, state), LOADED_TIMEOUT_S)
 
     async def _download(self, epoch: int, peers: tuple[str, ...]) -> StateBlob | None:
         """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does.
