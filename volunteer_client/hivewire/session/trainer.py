@@ -167,6 +167,7 @@ def train(
                     strategy.step()
                 except RoundSkipped as exc:  # nothing changed; the network side catches up or we retry
                     logger.warning("%s; keeping this epoch's gradients", exc)
+                    network.view = None  # retry only on a view newer than the round's answer
             if strategy.epoch != epoch:
                 result.losses.append(sum(epoch_losses) / len(epoch_losses))
                 epoch_losses.clear()
