@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh clone: set up, then serve Hivewire on the embedded SQLite default
-# (var/hivewire.db, migrations applied) at http://127.0.0.1:8000. Ctrl-C stops it.
+# The main job on a fresh clone: set up, then run the local demo (scripts/demo.py): the server on the
+# embedded SQLite default (a fresh var/demo/ each run) at http://127.0.0.1:8000, an organizer and a tiny-lm
+# run, three volunteers signed in through the device grant training together on loopback. Options pass
+# through (--minutes, --port, --target-batch, --max-epochs); Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-export DATABASE_URL="${DATABASE_URL:-sqlite:///var/hivewire.db}"
-export PUBLIC_URL="${PUBLIC_URL:-http://127.0.0.1:8000}"
-echo "Hivewire: open ${PUBLIC_URL} — the first account you sign up becomes the organizer."
-exec .venv/bin/hivewire-server serve --host 127.0.0.1 --port 8000 "$@"
+exec .venv/bin/python scripts/demo.py "$@"
