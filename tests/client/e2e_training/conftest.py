@@ -6,7 +6,6 @@ has its own user, API token (``HIVEWIRE_TOKEN``) and home (its own peer key).
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,8 +18,9 @@ from typing import IO
 import httpx
 import pytest
 
-from tests.client.mesh_e2e.conftest import LOOPBACK, Server
+from tests.client.live_server import Server
 from tests.conftest import RUN, Account, new_user
+from tests.support import LOOPBACK
 
 SLUG = "tiny-lm-e2e"
 # 2 peers x 8 sequences per micro-batch: an epoch is ~32 micro-batches each, long enough (~2 s alone) for
@@ -29,24 +29,6 @@ SLUG = "tiny-lm-e2e"
 E2E_RUN = {**RUN, "slug": SLUG, "name": "Tiny LM e2e", "target_batch_size": 512, "compression": "none"}
 HIVEWIRE = str(Path(sys.executable).parent / "hivewire")
 JOIN_TIMEOUT_S = 90.0  # a volunteer that has not exited by then is killed and the test fails
-
-
-@pytest.fixture
-def server(sqlite_template: Path, tmp_path: Path) -> Iterator[Server]:
-    database = tmp_path / "hivewire.db"
-    shutil.copy(sqlite_template, database)
-    running = Server(database, tmp_path / "server.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10.0) as client:
-        yield client
 
 
 @pytest.fixture

@@ -7,14 +7,8 @@ the real SignalingClient and DescriptionVerifier.
 """
 
 import asyncio
-import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import aioice.ice
 import httpx
@@ -29,15 +23,12 @@ from hivewire.mesh.manager import Mesh, MeshSettings
 from hivewire.mesh.neighbours import Backoff
 from hivewire.signaling import DescriptionVerifier, SignalingClient, SignalingSettings
 from hivewire.signaling import client as signaling_client
+from tests.client.live_server import Server
 from tests.conftest import RUN, Account, new_user
-from tests.support import free_port
+from tests.support import LOOPBACK
 
-LOOPBACK = "127.0.0.1"
 SLUG = str(RUN["slug"])
-SERVER_START_TIMEOUT_S = 20.0  # a server that does not answer /healthz by then failed to start
-SERVER_STOP_TIMEOUT_S = 10.0  # then it is killed
 WAIT_TIMEOUT_S = 20.0  # bound on every wait for the mesh to reach a state; it normally takes a second or two
-SESSION_SECRET = "mesh-e2e-session-secret-0123456789abcdef"
 
 TEST_MESH = MeshSettings(
     answer_timeout_s=10.0,
@@ -60,68 +51,6 @@ def _loopback_only() -> Iterator[None]:
     assert aioice.ice.get_host_addresses(True, True) == [LOOPBACK]
     yield
     restrict_host_addresses(None)
-
-
-class Server:
-    """The real server in its own process; stop() and start() again keep the port and the database."""
-
-    def __init__(self, database: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        self._log = log
-        self._env = {
-            **os.environ,
-            "DATABASE_URL": f"sqlite:///{database}",
-            "PUBLIC_URL": self.url,
-            "SESSION_SECRET": SESSION_SECRET,
-            "STUN_URLS": "",
-            "TURN_URLS": "",
-        }
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "hivewire_server.cli", "serve", "--no-migrate", "--port", str(self.port)]
-        with self._log.open("ab") as log:
-            self._process = subprocess.Popen(command, env=self._env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline and self._process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"server {self.url} did not start (exit {self._process.poll()}):\n{self._log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        """Terminate (the server closes signaling sockets with 1001), kill if it lingers."""
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
-
-
-@pytest.fixture
-def server(sqlite_template: Path, tmp_path: Path) -> Iterator[Server]:
-    database = tmp_path / "hivewire.db"
-    shutil.copy(sqlite_template, database)
-    running = Server(database, tmp_path / "server.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10.0) as client:
-        yield client
 
 
 @pytest.fixture
