@@ -39,6 +39,9 @@ from hivewire.signaling.signed import DescriptionVerifier, VerifiedDescription
 logger = logging.getLogger(__name__)
 
 _REASON_CHARS = 200  # of a reason a peer sends in a bye
+# close() waits this long for cancelled tasks and for each closing link; what is still stuck then is logged
+# and left behind, so a wedged peer connection can never hang the volunteer's exit.
+CLOSE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -219,9 +222,17 @@ class Mesh:
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            if stuck:
+                names = sorted(task.get_name() for task in stuck)
+                logger.warning("mesh close: tasks still running after %.0f s, left behind: %s", CLOSE_TIMEOUT_S, names)
+                self._tasks.difference_update(stuck)
         links, self._links = list(self._links.values()), {}
-        await asyncio.gather(*(link.close() for link in links))
+        closing = [asyncio.ensure_future(link.close()) for link in links]
+        if closing:
+            _, stuck = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)
+            if stuck:
+                logger.warning("mesh close: %d link(s) did not close within %.0f s", len(stuck), CLOSE_TIMEOUT_S)
         if self._server is not None:
             await self._server.close()
 
