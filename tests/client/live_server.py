@@ -2,11 +2,9 @@
 the mesh and training end-to-end tests share it."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -61,21 +59,3 @@ class Server:
             self._process.kill()
             self._process.wait()
         self._process = None
-
-
-@pytest.fixture
-def server(sqlite_template: Path, tmp_path: Path) -> Iterator[Server]:
-    database = tmp_path / "hivewire.db"
-    shutil.copy(sqlite_template, database)
-    running = Server(database, tmp_path / "server.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
-def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10.0) as client:
-        yield client
