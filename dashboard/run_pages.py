@@ -7,12 +7,14 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from hivewire_server import leaderboard, runs
 from hivewire_server.api.deps import HubDep, OptionalUser, SessionDep, SettingsDep
+from hivewire_server.client_wheels import install_command
 from hivewire_server.dashboard import overview
 from hivewire_server.dashboard.web import check_csrf, error_page, render, to_login
 from hivewire_server.errors import Conflict, DomainError
@@ -20,9 +22,6 @@ from hivewire_server.models import Membership, Run, User
 from hivewire_server.schemas import Compression, JoinPolicy, RunCreate, RunUpdate, Strategy, Visibility
 
 router = APIRouter(include_in_schema=False)
-
-# The exact commands the join page shows; the client is the `hivewire` distribution (volunteer_client/).
-CLIENT_INSTALL = "pip install hivewire"
 
 RUN_FIELDS = (
     "slug",
@@ -111,12 +110,14 @@ async def join_page(
         refusal = "You are banned from this run" + (f": {membership.ban_reason}" if membership.ban_reason else ".")
     elif run.join_policy == "allowlist" and not (membership and membership.allowed) and run.owner_id != user.id:
         refusal = "This run admits only invited volunteers; ask its organizer to add you."
+    # The wheel this server serves, when it serves one (client_wheels.py); else the package index.
+    wheel = await run_in_threadpool(request.app.state.client_wheels.newest)
     commands = [
-        CLIENT_INSTALL,
+        install_command(settings.base_url, wheel),
         f"hivewire login {settings.base_url}",
         f"hivewire join {settings.base_url}/runs/{run.slug}",
     ]
-    return render(request, "join.html", user, run=run, commands=commands, refusal=refusal)
+    return render(request, "join.html", user, run=run, commands=commands, refusal=refusal, wheel=wheel)
 
 
 @router.get("/organize/runs/new")

@@ -1,6 +1,8 @@
 # The Hivewire coordinator server. Build from the repository root:
 #   docker build -f docker/server.Dockerfile -t hivewire-server .
-# It installs the hivewire-server distribution only: the server needs neither torch nor aiortc.
+# It installs the hivewire-server distribution only: the server needs neither torch nor aiortc. It also
+# carries the volunteer client's wheel (built without its dependencies, never installed here), which it serves
+# at /downloads so the join page's `pip install` works against this server.
 
 # Stage 1 builds a virtual environment; the final image copies it and leaves the build backend and any
 # download caches behind.
@@ -15,6 +17,14 @@ COPY dashboard/ dashboard/
 COPY migrations/ migrations/
 RUN /opt/venv/bin/pip install --no-cache-dir .
 
+# The client wheel: `pip wheel --no-deps` builds hivewire-<version>-py3-none-any.whl from volunteer_client/
+# alone; torch and the rest are for the volunteer's pip to fetch from their own index.
+FROM python:3.11-slim AS client-wheel
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY volunteer_client/ volunteer_client/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./volunteer_client
+
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -25,6 +35,8 @@ RUN groupadd --system --gid 10001 hivewire \
     && mkdir -p /app/var \
     && chown hivewire:hivewire /app/var
 COPY --from=build /opt/venv /opt/venv
+# Read-only for the server user (owned by root); CLIENT_WHEEL_DIR in docker-compose.yml points here.
+COPY --from=client-wheel /wheels/ /app/wheels/
 COPY --chmod=0755 docker/prestart.sh /usr/local/bin/prestart.sh
 # The server's relative paths (var/) resolve here; /app/var is the server-data volume in docker-compose.yml.
 WORKDIR /app

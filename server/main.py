@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -16,6 +18,7 @@ from hivewire_server.api.routes import (
     accounting,
     auth,
     device,
+    downloads,
     health,
     join,
     prometheus,
@@ -25,6 +28,7 @@ from hivewire_server.api.routes import (
     wellknown,
 )
 from hivewire_server.auth import oidc
+from hivewire_server.client_wheels import ClientWheels
 from hivewire_server.core.config import Settings
 from hivewire_server.core.db import create_engine, session_factory
 from hivewire_server.dashboard import routes as pages
@@ -33,6 +37,21 @@ from hivewire_server.signaling.hub import Hub
 
 SESSION_COOKIE = "hivewire_session"  # its own name: the OpenID provider may share the host's cookie jar
 SESSION_MAX_AGE_SECONDS = 14 * 24 * 3600
+log = logging.getLogger("hivewire.server")
+
+
+def _announce_client_wheel(wheels: ClientWheels) -> None:
+    """Say at start-up what the join page will tell volunteers to install, so a bad CLIENT_WHEEL_DIR shows."""
+    if wheels.directory is None:
+        return
+    newest = wheels.newest()
+    if newest is None:
+        log.warning(
+            "CLIENT_WHEEL_DIR %s holds no hivewire-*.whl; join pages say `pip install hivewire` instead",
+            wheels.directory,
+        )
+    else:
+        log.info("serving client wheel %s (sha256 %s) at /downloads", newest.filename, newest.sha256)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.hub = await Hub.start(settings)
+        _announce_client_wheel(app.state.client_wheels)
         try:
             yield
         finally:
@@ -53,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Hivewire", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = ServerMetrics()
+    app.state.client_wheels = ClientWheels(Path(settings.client_wheel_dir) if settings.client_wheel_dir else None)
     errors.install(app)
     app.add_middleware(
         SessionMiddleware,
@@ -69,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         auth.router,
         tokens.router,
         device.router,
+        downloads.router,
         runs.router,
         join.router,
         signaling.router,

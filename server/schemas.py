@@ -300,3 +300,21 @@ class VerificationFailurePublic(BaseModel):
 class VerificationFailures(BaseModel):
     data: list[VerificationFailurePublic]
     count: int
+
+
+# -- client downloads ----------------------------------------------------------------------------------
+
+
+class ClientWheelPublic(BaseModel):
+    filename: str
+    version: str
+    size: int
+    sha256: str
+    url: str
+
+
+class ClientWheelsPublic(BaseModel):
+    """Newest first; `data[0]` is what the join page tells volunteers to install."""
+
+    data: list[ClientWheelPublic]
+    count: int

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     report_online_gap_seconds: float = Field(default=300.0, ge=1)
     # How long after a member's certificate expired a round receipt naming it is still accepted, seconds.
     receipt_certificate_grace_seconds: int = Field(default=24 * 3600, ge=0, le=30 * 24 * 3600)
+    # Directory of built client wheels (hivewire-*.whl), served under /downloads; the join page then shows
+    # `pip install` of the newest. Empty: nothing is served and the join page says `pip install hivewire`.
+    client_wheel_dir: str = ""
     log_level: str = "INFO"
 
     @field_validator("oidc_providers", mode="before")

@@ -4,13 +4,16 @@ photographed (test-artifacts/screenshots/) and none logs a console error."""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
+from hivewire_server.client_wheels import ClientWheels
 from tests.browser.conftest import LAPTOP, PHONE, LiveServer, needs_browser, screenshot, sign_in, wait_for
 from tests.conftest import PASSWORD
 from tests.server._accounting import joined, post_receipt, post_reports, receipt
@@ -218,6 +221,36 @@ def test_banned_volunteer_is_refused_and_unbanned_may_join_again(
     browser.find_element(By.CSS_SELECTOR, f"{row} button").click()
     wait_for(browser, lambda d: "may join again" in text(d, "[role=status]"), "the unban")
     assert joined(live_server.http, volunteer, slug).peer_id  # type: ignore[arg-type]
+
+
+def test_join_page_offers_the_wheel_this_server_serves(
+    browser: webdriver.Chrome, live_server: LiveServer, tmp_path: Path
+) -> None:
+    """With CLIENT_WHEEL_DIR set, step 1 installs from this server, pinned by hash, and the link downloads it."""
+    wheel = tmp_path / "hivewire-0.7.0-py3-none-any.whl"
+    wheel.write_bytes(b"a stand-in wheel; tests/server/test_downloads.py builds and installs a real one")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    slug = live_server.create_run("wheel-demo", name="Wheel demo")
+    served_before = live_server.app.state.client_wheels
+    live_server.app.state.client_wheels = ClientWheels(tmp_path)  # what CLIENT_WHEEL_DIR=tmp_path gives
+    try:
+        sign_in(browser, live_server, live_server.volunteer)
+        browser.get(f"{live_server.url}/runs/{slug}/join")
+        wait_for(browser, lambda d: d.find_elements(By.ID, "cmd-1"), "the join commands")
+        url = f"{live_server.url}/downloads/{wheel.name}"
+        assert text(browser, "#cmd-1") == f'pip install "{url}#sha256={digest}"'
+        assert digest in text(browser, "#client-wheel")
+        link = browser.find_element(By.CSS_SELECTOR, "#client-wheel a").get_attribute("href")
+        assert link == url
+        assert live_server.http.get(link).content == wheel.read_bytes()
+        browser.find_element(By.CSS_SELECTOR, "button[data-copy=cmd-1]").click()
+        wait_for(browser, lambda d: text(d, "button[data-copy=cmd-1]") != "Copy", "the copy button's answer")
+        browser.set_window_size(*PHONE)
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= PHONE[0]
+        screenshot(browser, "join-served-wheel-phone")
+        browser.set_window_size(*LAPTOP)
+    finally:
+        live_server.app.state.client_wheels = served_before
 
 
 def test_device_approval_page_still_works(browser: webdriver.Chrome, live_server: LiveServer) -> None:

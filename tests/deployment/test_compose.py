@@ -60,7 +60,7 @@ FILLED_IN = {
     "TURN_EXTERNAL_IP": "203.0.113.7",
 }
 # Settings whose compose value is meant to differ from the server's own default.
-DEPLOYMENT_CHOICES = {"ENVIRONMENT", "DATABASE_URL", "PUBLIC_URL"}
+DEPLOYMENT_CHOICES = {"ENVIRONMENT", "DATABASE_URL", "PUBLIC_URL", "CLIENT_WHEEL_DIR"}
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME and the escape $$.
 _REFERENCE = re.compile(
@@ -519,6 +519,19 @@ def test_dockerfile_structure(dockerfile: Path) -> None:
     assert users[-1].split(":")[0] not in ("root", "0"), "the image runs as root"
 
 
+def _stages(dockerfile: Path) -> dict[str, list[tuple[str, str]]]:
+    """Each build stage's instructions, by its `AS` name (the final, unnamed stage is "final")."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for instruction, arguments in _instructions(dockerfile):
+        if instruction == "FROM":
+            words = arguments.split()
+            name = words[2] if len(words) > 2 and words[1].upper() == "AS" else "final"
+            current = stages.setdefault(name, [])
+        current.append((instruction, arguments))
+    return stages
+
+
 def test_server_image() -> None:
     instructions = _instructions(SERVER_DOCKERFILE)
     healthchecks = [arguments for instruction, arguments in instructions if instruction == "HEALTHCHECK"]
@@ -526,11 +539,30 @@ def test_server_image() -> None:
     assert "/healthz" in healthchecks[0]
     assert ("ENTRYPOINT", '["prestart.sh"]') in instructions
     text = SERVER_DOCKERFILE.read_text()
-    # The server distribution only: torch and aiortc belong to the volunteer image.
-    copied = " ".join(arguments for instruction, arguments in instructions if instruction in ("COPY", "RUN"))
-    for absent in ("torch", "aiortc", "volunteer_client"):
-        assert absent not in copied, absent
+    # The server distribution only: torch and aiortc belong to the volunteer image. The client's sources are
+    # seen by the wheel stage alone, which builds without dependencies.
+    stages = _stages(SERVER_DOCKERFILE)
+    for name, stage in stages.items():
+        copied = " ".join(arguments for instruction, arguments in stage if instruction in ("COPY", "RUN"))
+        for absent in ("torch", "aiortc"):
+            assert absent not in copied, (name, absent)
+        if name != "client-wheel":
+            assert "volunteer_client" not in copied, name
     assert "docker/prestart.sh" in text
+
+
+def test_server_image_carries_the_client_wheel_where_compose_points() -> None:
+    """The join page's `pip install <server>/downloads/<wheel>` needs the wheel in CLIENT_WHEEL_DIR."""
+    stages = _stages(SERVER_DOCKERFILE)
+    runs = [arguments for instruction, arguments in stages["client-wheel"] if instruction == "RUN"]
+    assert any(re.search(r"pip wheel .*--no-deps .*--wheel-dir /wheels \./volunteer_client$", run) for run in runs)
+    copies = [arguments.split() for instruction, arguments in stages["final"] if instruction == "COPY"]
+    assert ["--from=client-wheel", "/wheels/", "/app/wheels/"] in copies
+    wheel_dir = _REFERENCE.fullmatch(server_environment()["CLIENT_WHEEL_DIR"])
+    assert wheel_dir is not None
+    assert (wheel_dir["name"], wheel_dir["op"], wheel_dir["arg"]) == ("CLIENT_WHEEL_DIR", "-", "/app/wheels")
+    # `-` rather than `:-`: an organizer who sets CLIENT_WHEEL_DIR= in .env turns the download off.
+    assert interpolate(server_environment(), {**sample_env(), "CLIENT_WHEEL_DIR": ""})["CLIENT_WHEEL_DIR"] == ""
 
 
 def test_volunteer_image() -> None:
