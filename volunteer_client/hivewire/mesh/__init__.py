@@ -1,6 +1,7 @@
 """The mesh: neighbour links opened through signed signaling, ICE configuration, control and bulk channels."""
 
 from hivewire.mesh.control import ControlCodec, RecordSchema
+from hivewire.mesh.direct import DirectEndpoint, DirectSettings
 from hivewire.mesh.errors import ControlRecordError, FramingError, IceConfigError, LinkError, MeshError
 from hivewire.mesh.framing import FramingLimits, PayloadDecoder, encode_payload
 from hivewire.mesh.ice import build_configuration, restrict_host_addresses
@@ -11,6 +12,8 @@ from hivewire.mesh.paths import NoSignalingPath
 __all__ = [
     "ControlCodec",
     "ControlRecordError",
+    "DirectEndpoint",
+    "DirectSettings",
     "FramingError",
     "FramingLimits",
     "IceConfigError",

@@ -6,6 +6,8 @@ types, so ``True`` is not an int), then the schema's own check. Outgoing records
 so a bug on our side fails here instead of at the peer. The transport (link.py) only moves bytes.
 """
 
+import ipaddress
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,10 @@ from hivewire.mesh.errors import ControlRecordError
 
 MAX_CONTROL_RECORD_BYTES = 64 * 1024
 MAX_UINT63 = 2**63 - 1
+# direct_hello bounds (docs/protocol.md, "Direct TLS path"): an aiortc certificate is ~400 bytes of DER.
+MAX_DIRECT_CERT_BYTES = 4096
+MAX_DIRECT_ADDRESSES = 8
+_DIRECT_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 FieldTypes = type | tuple[type, ...]
 RecordCheck = Callable[[Mapping[str, Any]], None]
@@ -41,12 +47,36 @@ class RecordSchema:
     check: RecordCheck | None = field(default=None, compare=False)
 
 
+def _check_direct_hello(record: Mapping[str, Any]) -> None:
+    """A direct_hello: a certificate of bounded size, a 128-bit hex token, a few ``[ip, tcp port]`` pairs."""
+    if not 0 < len(record["cert"]) <= MAX_DIRECT_CERT_BYTES:
+        raise ControlRecordError(f"direct_hello.cert: {len(record['cert'])} bytes, expected 1..{MAX_DIRECT_CERT_BYTES}")
+    if _DIRECT_TOKEN.fullmatch(record["token"]) is None:
+        raise ControlRecordError("direct_hello.token: expected 32 lowercase hex digits")
+    addresses = record["addresses"]
+    if len(addresses) > MAX_DIRECT_ADDRESSES:
+        raise ControlRecordError(f"direct_hello.addresses: {len(addresses)} entries, at most {MAX_DIRECT_ADDRESSES}")
+    for entry in addresses:
+        if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is int):
+            raise ControlRecordError(f"direct_hello.addresses: expected [ip, port] pairs, got {entry!r:.80}")
+        try:
+            ipaddress.ip_address(entry[0])
+        except ValueError:
+            raise ControlRecordError(f"direct_hello.addresses: {entry[0]!r:.60} is not an IP address") from None
+        if not 1 <= entry[1] <= 65535:
+            raise ControlRecordError(f"direct_hello.addresses: port {entry[1]} is outside 1..65535")
+
+
 # Records the link itself exchanges; the mesh layer registers its own (gossip, RPC) next to them.
 PING = RecordSchema("ping", {"nonce": int}, _check_uint63("nonce"))
 PONG = RecordSchema("pong", {"nonce": int}, _check_uint63("nonce"))
 BULK_RELEASE = RecordSchema("bulk_release", {"payload_id": int}, _check_uint63("payload_id"))
 BULK_REFUSED = RecordSchema("bulk_refused", {"payload_id": int, "reason": str}, _check_uint63("payload_id"))
-LINK_SCHEMAS = (PING, PONG, BULK_RELEASE, BULK_REFUSED)
+# The direct TLS path (direct.py): each side's pinned certificate, token and listening addresses, and a
+# dialer's word that it could not reach the other side (which then dials back).
+DIRECT_HELLO = RecordSchema("direct_hello", {"cert": bytes, "token": str, "addresses": list}, _check_direct_hello)
+DIRECT_UNREACHABLE = RecordSchema("direct_unreachable", {"tried": int}, _check_uint63("tried"))
+LINK_SCHEMAS = (PING, PONG, BULK_RELEASE, BULK_REFUSED, DIRECT_HELLO, DIRECT_UNREACHABLE)
 
 
 class ControlCodec:

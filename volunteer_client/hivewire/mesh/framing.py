@@ -20,7 +20,7 @@ forgery: the link itself is DTLS-authenticated. Torch-free on purpose: payloads 
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from hivewire.mesh.errors import FramingError
@@ -93,9 +93,12 @@ class PayloadDecoder:
     duplicate, overrun, checksum mismatch) discards that payload only; the others go on.
     """
 
-    def __init__(self, limits: FramingLimits, peer: str = "peer") -> None:
+    def __init__(self, limits: FramingLimits, peer: str = "peer", *, held_elsewhere: Callable[[], int] = int) -> None:
         self._limits = limits
         self._peer = peer
+        # Payloads of the same peer held by its other decoders (one per path: data channel, direct stream),
+        # so max_incoming_payloads bounds the peer as a whole, whichever path its frames take.
+        self._held_elsewhere = held_elsewhere
         self._incoming: dict[int, _Incoming] = {}
         self._last_id = 0
         self._unreleased = 0
@@ -156,9 +159,10 @@ class PayloadDecoder:
             raise FramingError(
                 f"{self._peer}: payload id {payload_id} is a duplicate or replay (ids must exceed {self._last_id})"
             )
-        if self.held >= self._limits.max_incoming_payloads:
+        held = self.held + self._held_elsewhere()
+        if held >= self._limits.max_incoming_payloads:
             raise FramingError(
-                f"{self._peer}: payload {payload_id} refused, already holding {self.held} payloads "
+                f"{self._peer}: payload {payload_id} refused, already holding {held} payloads "
                 f"(limit {self._limits.max_incoming_payloads})",
                 payload_id,
             )

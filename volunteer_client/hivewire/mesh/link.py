@@ -14,9 +14,17 @@ Memory stays bounded in both directions:
 
 A link that stops hearing from its peer for ``keepalive_timeout_s``, or whose connection fails, is
 reported once through ``on_dead`` and closed, so the mesh can replace it.
+
+Given a :class:`DirectEndpoint`, the link also tries the direct TLS path (direct.py) once open, and moves
+bulk payloads there while it is up (``path``). Nothing is lost when it drops: the sender keeps each payload
+sent over it until the peer releases it and sends the unreleased ones again over the data channel, in
+order; the receiver drops what it already has by payload id (still returning credit) and delivers each
+payload once, in id order. The sender switches to the direct stream only when no payload sent over the
+data channel is unreleased, so the two paths never race.
 """
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -27,8 +35,18 @@ from typing import Any
 from aiortc import RTCDataChannel, RTCPeerConnection
 
 from hivewire.mesh.control import ControlCodec
+from hivewire.mesh.direct import PATH_DIRECT, PATH_WEBRTC, DirectEndpoint, DirectSession, DirectStream
 from hivewire.mesh.errors import ControlRecordError, FramingError, LinkError
-from hivewire.mesh.framing import FramingLimits, PayloadDecoder, encode_payload, max_message_bytes_from_sdp
+from hivewire.mesh.framing import (
+    FRAMING_VERSION,
+    HEADER,
+    KIND_CHUNK,
+    KIND_START,
+    FramingLimits,
+    PayloadDecoder,
+    encode_payload,
+    max_message_bytes_from_sdp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +56,8 @@ BULK_CHANNEL_ID = 1
 _LOGGED_REFUSALS = 10
 _REASON_CHARS = 300  # of a refusal reason sent back to the peer
 _MIN_FRAME_BYTES = 1024  # a peer announcing a smaller a=max-message-size is refused (and not standard)
+_RATE_MIN_BYTES = 64 * 2**10  # payloads smaller than this say more about latency than throughput
+_RATE_SAMPLES = 8  # throughput is measured over this many recent payloads per direction
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,20 @@ class LinkStats:
     records_dropped: int = 0  # valid records dropped because the consumer fell behind
     payloads_refused_by_peer: int = 0  # our payloads the peer discarded (it says why; logged)
     max_buffered_bytes: int = 0  # highest bulk bufferedAmount seen right after a send
+    payloads_sent_direct: int = 0  # of payloads_sent, those that went over the direct TLS stream
+    payloads_received_direct: int = 0  # of payloads_received, those that came over it
+    payloads_resent: int = 0  # sent again over the data channel after the direct stream dropped
+    duplicates_dropped: int = 0  # payloads the peer sent again that we already had
+    direct_streams_lost: int = 0  # direct streams that dropped while the link was up
+
+
+@dataclass
+class _Outgoing:
+    """A payload sent and not yet released; ``stream`` is the direct stream it went over (None: data channel),
+    and ``data`` is kept only then, to send it again if that stream drops."""
+
+    data: bytes | None
+    stream: DirectStream | None
 
 
 _CLOSED: Any = object()
@@ -89,6 +123,7 @@ class Link:
         settings: LinkSettings | None = None,
         codec: ControlCodec | None = None,
         on_dead: Callable[["Link", str], None] | None = None,
+        direct: DirectEndpoint | None = None,
     ) -> None:
         self.peer = peer
         self.settings = settings or LinkSettings()
@@ -98,7 +133,12 @@ class Link:
         self._pc = pc
         self._codec = codec or ControlCodec()
         self._on_dead = on_dead
-        self._decoder = PayloadDecoder(self.settings.framing, peer=peer)
+        self._decoder = self._new_decoder()  # the data channel's; each direct stream gets its own
+        self._decoders: set[PayloadDecoder] = {self._decoder}  # those still holding payloads, for the limit
+        self._stream_decoders: dict[DirectStream, PayloadDecoder] = {}
+        self._endpoint = direct
+        self._direct_session: DirectSession | None = None
+        self._direct: DirectStream | None = None  # the usable direct stream, if any
         self._control = pc.createDataChannel("hivewire-control", negotiated=True, id=CONTROL_CHANNEL_ID)
         self._bulk = pc.createDataChannel("hivewire-bulk", negotiated=True, id=BULK_CHANNEL_ID)
         self._bulk.bufferedAmountLowThreshold = self.settings.buffer_low_bytes
@@ -109,7 +149,14 @@ class Link:
         self._wake_sender = asyncio.Event()  # set on bufferedamountlow, on credit returned, on close
         self._send_lock = asyncio.Lock()
         self._payload_ids = itertools.count(1)
-        self._unreleased: set[int] = set()
+        self._last_payload_id = 0
+        self._outgoing: dict[int, _Outgoing] = {}  # sent, not yet released by the peer
+        self._released = asyncio.Event()  # set whenever a payload is released, and on close (flush waits on it)
+        self._pending: dict[int, PayloadDecoder] = {}  # delivered to our consumer, not yet taken
+        self._highest_delivered = 0  # payload ids at or below it are duplicates
+        self._recv_started: dict[int, float] = {}
+        self._send_rates: collections.deque[tuple[int, float]] = collections.deque(maxlen=_RATE_SAMPLES)
+        self._recv_rates: collections.deque[tuple[int, float]] = collections.deque(maxlen=_RATE_SAMPLES)
         self._max_frame_bytes = 0
         self._ping_nonce = 0
         self._ping_sent_at = 0.0
@@ -140,6 +187,32 @@ class Link:
         """True once close() has started; nothing can be sent any more."""
         return self._closing
 
+    @property
+    def path(self) -> str:
+        """Where new bulk payloads go: ``"direct-tls"`` while a verified direct stream is up, else ``"webrtc"``."""
+        return PATH_DIRECT if self._direct is not None else PATH_WEBRTC
+
+    @property
+    def direct_refusal(self) -> str | None:
+        """Why the peer's direct path was refused (its certificate is not the signed one), or None."""
+        return self._direct_session.refusal if self._direct_session is not None else None
+
+    @property
+    def send_rate_bytes_per_s(self) -> float | None:
+        """Bytes/s of our recent payloads (≥ 64 KiB), first frame queued to last; None before any."""
+        return _rate(self._send_rates)
+
+    @property
+    def recv_rate_bytes_per_s(self) -> float | None:
+        """Bytes/s of the peer's recent payloads (≥ 64 KiB), first frame received to last; None before any."""
+        return _rate(self._recv_rates)
+
+    @property
+    def throughput_bytes_per_s(self) -> float | None:
+        """The link's measured throughput: the better of the two directions' recent rates, None before any."""
+        rates = [rate for rate in (self.send_rate_bytes_per_s, self.recv_rate_bytes_per_s) if rate is not None]
+        return max(rates) if rates else None
+
     async def wait_open(self) -> None:
         """Wait until both channels are open, then start the keepalive; LinkError after open_timeout_s."""
         try:
@@ -162,6 +235,29 @@ class Link:
         self._last_heard = self._loop.time()
         self._spawn(self._keepalive())
         logger.info("link to %s open; bulk frames up to %d bytes", self.peer, self._max_frame_bytes)
+        if self._endpoint is not None:
+            self._start_direct(self._endpoint)
+
+    def _start_direct(self, endpoint: DirectEndpoint) -> None:
+        try:
+            session = DirectSession(
+                endpoint,
+                self._pc,
+                peer=self.peer,
+                max_frame_bytes=self._max_frame_bytes,
+                send_control=self.send_control,
+                on_stream=self._direct_up,
+                on_frame=self._on_direct_frame,
+                on_closed=self._direct_closed,
+            )
+        except (LinkError, ValueError) as exc:
+            logger.warning("no direct TLS path to %s: %s; bulk stays on WebRTC", self.peer, exc)
+            return
+        self._direct_session = session
+        try:
+            session.start()
+        except LinkError as exc:
+            logger.warning("could not offer the direct TLS path to %s: %s", self.peer, exc)
 
     def send_control(self, record: Mapping[str, Any]) -> None:
         """Validate and send one control record; raise LinkError when closed or the peer stopped reading."""
@@ -185,28 +281,83 @@ class Link:
                 yield await self.recv_control()
 
     async def send_payload(self, data: bytes | bytearray | memoryview) -> int:
-        """Send one payload; return its id once every frame is in the channel buffer.
+        """Send one payload; return its id once every frame is in the channel's or the stream's buffer.
 
-        Waits for receiver credit and for ``bufferedAmount`` to drain, so at most ``buffer_high_bytes`` plus
-        one frame are queued. Payloads go out one at a time (one ordered stream, nothing to gain by mixing).
+        Waits for receiver credit and for the buffer to drain, so at most ``buffer_high_bytes`` (data
+        channel) or ``write_buffer_bytes`` (direct stream) plus one frame are queued. Payloads go out one at
+        a time, in id order. Over the direct stream a ``bytes`` payload is kept by reference, anything else
+        copied, until the peer releases it: the stream may drop, and then it goes again over the channel.
         """
         async with self._send_lock:
-            while len(self._unreleased) >= self.settings.framing.max_incoming_payloads:
+            await self._resend_lost()
+            while len(self._outgoing) >= self.settings.framing.max_incoming_payloads:
                 await self._wait_sender_wake()
+                await self._resend_lost()
             self._check_open()
             if not self._max_frame_bytes:
                 raise LinkError(f"link to {self.peer}: await wait_open() before sending payloads")
             payload_id = next(self._payload_ids)
-            self._unreleased.add(payload_id)
-            for frame in encode_payload(payload_id, data, self._max_frame_bytes):
-                while self._bulk.bufferedAmount > self.settings.buffer_high_bytes:
-                    await self._wait_sender_wake()
-                self._check_open()
-                self._bulk.send(frame)
-                self.stats.max_buffered_bytes = max(self.stats.max_buffered_bytes, self._bulk.bufferedAmount)
+            self._last_payload_id = payload_id
+            size = memoryview(data).nbytes
+            started = self._loop.time()
+            stream = self._direct
+            if stream is not None and all(entry.stream is not None for entry in self._outgoing.values()):
+                kept = data if isinstance(data, bytes) else bytes(data)
+                self._outgoing[payload_id] = _Outgoing(kept, stream)
+                try:
+                    await stream.send_frames(encode_payload(payload_id, kept, self._max_frame_bytes))
+                    self.stats.payloads_sent_direct += 1
+                except LinkError as exc:
+                    logger.info("payload %d to %s goes again over WebRTC: %s", payload_id, self.peer, exc)
+                    await self._resend_lost()
+            else:
+                self._outgoing[payload_id] = _Outgoing(None, None)
+                await self._send_on_channel(payload_id, data)
             self.stats.payloads_sent += 1
-            self.stats.bytes_sent += memoryview(data).nbytes
+            self.stats.bytes_sent += size
+            _sample(self._send_rates, size, self._loop.time() - started)
             return payload_id
+
+    async def _send_on_channel(self, payload_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Frames of one payload into the bulk channel, waiting while bufferedAmount is high."""
+        for frame in encode_payload(payload_id, data, self._max_frame_bytes):
+            while self._bulk.bufferedAmount > self.settings.buffer_high_bytes:
+                await self._wait_sender_wake()
+            self._check_open()
+            self._bulk.send(frame)
+            self.stats.max_buffered_bytes = max(self.stats.max_buffered_bytes, self._bulk.bufferedAmount)
+
+    async def _resend_lost(self) -> None:
+        """Send again, over the data channel and in id order, unreleased payloads whose direct stream dropped.
+
+        Called with the send lock held, before anything new goes out, so the peer still sees id order.
+        """
+        lost = sorted(pid for pid, entry in self._outgoing.items() if entry.stream is not None and entry.stream.closed)
+        for payload_id in lost:
+            entry = self._outgoing.get(payload_id)
+            if entry is None or entry.data is None:
+                continue  # released while we resent the ones before it
+            data, entry.data, entry.stream = entry.data, None, None
+            await self._send_on_channel(payload_id, data)
+            self.stats.payloads_resent += 1
+        if lost:
+            logger.info("sent %d unreleased payload(s) to %s again over WebRTC", len(lost), self.peer)
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until the peer released (consumed or refused) every payload we sent; False on timeout or close.
+
+        For a graceful leave: returns at once when nothing is outstanding.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._outgoing and not self._closing:
+                    self._released.clear()
+                    await self._released.wait()
+        except TimeoutError:
+            pass
+        if self._outgoing:
+            logger.info("flush: %d payload(s) to %s still unreleased", len(self._outgoing), self.peer)
+        return not self._outgoing
 
     async def recv_payload(self) -> tuple[int, bytearray]:
         """The next complete, checksum-verified payload as ``(payload_id, data)``; LinkError once closed.
@@ -214,7 +365,10 @@ class Link:
         Taking a payload returns its credit to the sender.
         """
         payload_id, data = await self._next(self._payloads)
-        self._decoder.release()
+        decoder = self._pending.pop(payload_id, None)
+        if decoder is not None:
+            decoder.release()
+            self._prune_decoders()
         if not self._closing:
             try:
                 self.send_control({"type": "bulk_release", "payload_id": payload_id})
@@ -243,10 +397,13 @@ class Link:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
-        dropped = self._decoder.discard_all()
+        if self._direct_session is not None:
+            await self._direct_session.close()
+        dropped = sum(decoder.discard_all() for decoder in self._decoders)
         if dropped:
             logger.info("link to %s closed with %d partial payload(s) dropped", self.peer, dropped)
         self._wake_sender.set()
+        self._released.set()
         self._opened.set()
         self._records.put_nowait(_CLOSED)
         self._payloads.put_nowait(_CLOSED)
@@ -293,6 +450,9 @@ class Link:
                 self.rtt_s = self._loop.time() - self._ping_sent_at
         elif kind in ("bulk_release", "bulk_refused"):
             self._on_release(record)
+        elif kind in ("direct_hello", "direct_unreachable"):
+            if self._direct_session is not None:
+                self._direct_session.on_record(record)
         elif self._records.qsize() >= self.settings.control_queue_records:
             self.stats.records_dropped += 1
             self._log_refusal(self.stats.records_dropped, "control record", "consumer behind, queue full")
@@ -302,20 +462,45 @@ class Link:
     def _on_release(self, record: Mapping[str, Any]) -> None:
         """The peer consumed or refused one of our payloads: its credit comes back."""
         payload_id = record["payload_id"]
-        if payload_id not in self._unreleased:
+        if self._outgoing.pop(payload_id, None) is None:
+            if payload_id <= self._last_payload_id:
+                # We sent it again after the stream dropped, before its release reached us: released twice.
+                logger.debug("%s released payload %d again (it was sent twice)", self.peer, payload_id)
+                return
             self.stats.records_refused += 1
             self._log_refusal(self.stats.records_refused, record["type"], f"payload {payload_id} not outstanding")
             return
-        self._unreleased.discard(payload_id)
         self._wake_sender.set()
+        self._released.set()
         if record["type"] == "bulk_refused":
             self.stats.payloads_refused_by_peer += 1
             logger.warning("%s refused our payload %d: %r", self.peer, payload_id, record["reason"][:_REASON_CHARS])
 
     def _on_bulk(self, message: bytes | str) -> None:
         self._last_heard = self._loop.time()
+        self._intake(message, self._decoder)  # type: ignore[arg-type]  # str is refused by the decoder
+
+    def _on_direct_frame(self, stream: DirectStream, frame: bytes) -> None:
+        self._last_heard = self._loop.time()
+        decoder = self._stream_decoders.get(stream)
+        if decoder is not None and not self._closing:
+            self._intake(frame, decoder)
+
+    def _intake(self, frame: bytes, decoder: PayloadDecoder) -> None:
+        """One frame from either path: duplicates dropped by id, the rest decoded, complete payloads queued."""
+        if isinstance(frame, bytes) and len(frame) >= HEADER.size:
+            version, kind, reserved, payload_id, _ = HEADER.unpack_from(frame)
+            if version == FRAMING_VERSION and reserved == 0 and kind in (KIND_START, KIND_CHUNK):
+                if payload_id <= self._highest_delivered:
+                    if kind == KIND_START:
+                        self._drop_duplicate(payload_id)
+                    return
+                if kind == KIND_START:
+                    if len(self._recv_started) >= 4 * self.settings.framing.max_incoming_payloads:
+                        self._recv_started.clear()  # entries of refused payloads; never more than a few
+                    self._recv_started[payload_id] = self._loop.time()
         try:
-            done = self._decoder.feed(message)  # type: ignore[arg-type]  # str is refused inside
+            done = decoder.feed(frame)
         except FramingError as exc:
             self.stats.frames_refused += 1
             self._log_refusal(self.stats.frames_refused, "bulk frame", exc)
@@ -326,10 +511,81 @@ class Link:
                         {"type": "bulk_refused", "payload_id": exc.payload_id, "reason": str(exc)[:_REASON_CHARS]}
                     )
             return
-        if done is not None:
-            self.stats.payloads_received += 1
-            self.stats.bytes_received += len(done[1])
-            self._payloads.put_nowait(done)
+        if done is None:
+            return
+        payload_id, data = done
+        if payload_id <= self._highest_delivered:  # it completed on the other path first
+            decoder.release()
+            self._drop_duplicate(payload_id)
+            return
+        self._highest_delivered = payload_id
+        self._pending[payload_id] = decoder
+        self.stats.payloads_received += 1
+        self.stats.bytes_received += len(data)
+        if decoder is not self._decoder:
+            self.stats.payloads_received_direct += 1
+        started = self._recv_started.pop(payload_id, None)
+        if started is not None:
+            _sample(self._recv_rates, len(data), self._loop.time() - started)
+        self._payloads.put_nowait(done)
+
+    def _drop_duplicate(self, payload_id: int) -> None:
+        """A payload we already have came again; if our consumer took it already, the sender's credit
+        may still be waiting for a release it sent before our first one arrived: release it again."""
+        self.stats.duplicates_dropped += 1
+        if payload_id not in self._pending and not self._closing:
+            with contextlib.suppress(LinkError):
+                self.send_control({"type": "bulk_release", "payload_id": payload_id})
+
+    def _new_decoder(self) -> PayloadDecoder:
+        decoder: PayloadDecoder | None = None
+
+        def held_elsewhere() -> int:
+            return sum(other.held for other in self._decoders if other is not decoder)
+
+        decoder = PayloadDecoder(self.settings.framing, peer=self.peer, held_elsewhere=held_elsewhere)
+        return decoder
+
+    def _prune_decoders(self) -> None:
+        """Forget decoders of dropped streams once they hold nothing."""
+        live = {self._decoder, *self._stream_decoders.values()}
+        self._decoders = {decoder for decoder in self._decoders if decoder in live or decoder.held}
+
+    def _direct_up(self, stream: DirectStream) -> None:
+        if self._closing:
+            return
+        decoder = self._new_decoder()
+        self._stream_decoders[stream] = decoder
+        self._decoders.add(decoder)
+        self._direct = stream
+        self._wake_sender.set()
+
+    def _direct_closed(self, stream: DirectStream, reason: str) -> None:
+        """The direct stream ended: partial payloads on it are dropped, unreleased ones go again over WebRTC."""
+        if self._direct is stream:
+            self._direct = None
+        decoder = self._stream_decoders.pop(stream, None)
+        if decoder is not None:
+            decoder.discard_all()
+            self._prune_decoders()
+        if self._closing:
+            return
+        self.stats.direct_streams_lost += 1
+        lost = sum(1 for entry in self._outgoing.values() if entry.stream is stream)
+        logger.warning(
+            "direct TLS path to %s dropped (%s); bulk moves to WebRTC, %d unreleased payload(s) go again there",
+            self.peer,
+            reason,
+            lost,
+        )
+        if lost:
+            self._spawn(self._resend_in_background())
+        self._wake_sender.set()
+
+    async def _resend_in_background(self) -> None:
+        with contextlib.suppress(LinkError):
+            async with self._send_lock:
+                await self._resend_lost()
 
     def _log_refusal(self, count: int, what: str, reason: object) -> None:
         if count <= _LOGGED_REFUSALS or count % 1000 == 0:
@@ -383,3 +639,13 @@ class Link:
         task = self._loop.create_task(coro, name=f"hivewire-link-{self.peer}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _sample(samples: "collections.deque[tuple[int, float]]", size: int, seconds: float) -> None:
+    if size >= _RATE_MIN_BYTES and seconds > 0:
+        samples.append((size, seconds))
+
+
+def _rate(samples: "collections.deque[tuple[int, float]]") -> float | None:
+    seconds = sum(duration for _, duration in samples)
+    return sum(size for size, _ in samples) / seconds if seconds > 0 else None

@@ -13,6 +13,8 @@ Who links to whom is decided here; how a link moves bytes is link.py's job. The 
   ICE fails under policy ``all`` and a TURN server is configured, the offer is retried once relay-only
   (shared/notes/webrtc-field-notes.md, note 7).
 * Every task is owned and every link or peer connection is closed on every path, close() included.
+* With ``settings.direct.enabled`` the mesh listens on one TCP port and every link tries the direct TLS
+  path for its bulk payloads (direct.py); a link whose peer cannot be reached that way stays on WebRTC.
 """
 
 import asyncio
@@ -27,6 +29,7 @@ from typing import Any
 
 from hivewire.identity import PeerIdentity
 from hivewire.mesh.control import RecordSchema
+from hivewire.mesh.direct import DirectEndpoint, DirectSettings
 from hivewire.mesh.errors import LinkError, MeshError
 from hivewire.mesh.link import Link, LinkSettings
 from hivewire.mesh.negotiation import Attempt, Negotiator, Superseded
@@ -57,6 +60,7 @@ class MeshSettings:
     inbox_signals: int = 256  # signals waiting to be handled; more are dropped (senders retry)
     backoff: Backoff = field(default_factory=Backoff)
     link: LinkSettings = field(default_factory=LinkSettings)
+    direct: DirectSettings = field(default_factory=DirectSettings)  # the direct TLS path for bulk payloads
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_neighbours <= min(self.max_links, MAX_GOSSIPED_NEIGHBOURS):
@@ -122,12 +126,17 @@ class Mesh:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, list[Callable[[str, dict[str, Any]], None]]] = {}
         self._closing = False
+        self.direct: DirectEndpoint | None = None  # our listener for the direct TLS path, once started
 
     # ------------------------------------------------------------------------------------------ public
 
     async def start(self, initial_peers: Iterable[str] = ()) -> None:
         """Learn the join response's peers, start signaling, the inbox and the maintainer."""
         self.table.add(initial_peers)
+        if self.settings.direct.enabled:
+            self.direct = DirectEndpoint(self.settings.direct)
+            await self.direct.start()
+            self._negotiator.direct = self.direct
         if self._server is not None:
             await self._server.start()
         self._spawn(self._consume_inbox(), "inbox")
@@ -233,6 +242,8 @@ class Mesh:
             _, stuck = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)
             if stuck:
                 logger.warning("mesh close: %d link(s) did not close within %.0f s", len(stuck), CLOSE_TIMEOUT_S)
+        if self.direct is not None:
+            await self.direct.close()
         if self._server is not None:
             await self._server.close()
 

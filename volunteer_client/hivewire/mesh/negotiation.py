@@ -16,6 +16,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from hivewire.identity import PeerIdentity
 from hivewire.mesh.control import ControlCodec, RecordSchema
+from hivewire.mesh.direct import DirectEndpoint
 from hivewire.mesh.errors import LinkError, MeshError
 from hivewire.mesh.ice import build_configuration
 from hivewire.mesh.link import Link, LinkSettings
@@ -91,6 +92,7 @@ class Negotiator:
         self._answer_timeout_s = answer_timeout_s
         self._on_dead = on_dead
         self.relay_only_retries = 0
+        self.direct: DirectEndpoint | None = None  # set by the mesh once listening; new links then try it
 
     async def offer(self, attempt: Attempt) -> Link:
         """Offer, apply the verified answer, open; once more relay-only if ICE failed and TURN exists."""
@@ -146,7 +148,8 @@ class Negotiator:
         """A peer connection and its link, channels created before any description (link.py)."""
         pc = RTCPeerConnection(build_configuration(self._ice_servers, relay_only=relay_only))
         codec = ControlCodec(self._schemas)
-        return pc, Link(pc, peer=peer, settings=self._link_settings, codec=codec, on_dead=self._on_dead)
+        link = Link(pc, peer=peer, settings=self._link_settings, codec=codec, on_dead=self._on_dead, direct=self.direct)
+        return pc, link
 
     def _sign(self, peer: str, kind: str, pc: RTCPeerConnection) -> dict[str, Any]:
         sdp = pc.localDescription.sdp

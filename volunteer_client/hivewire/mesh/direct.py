@@ -1,0 +1,527 @@
+"""The direct path: bulk payloads over a TCP connection with mutual TLS 1.3, pinned by signed fingerprints.
+
+aiortc's data channel is CPU-bound at tens of MB/s; a TLS stream between the same two processes moves
+hundreds (shared/notes/webrtc-field-notes.md). Where two linked peers can reach each other over TCP, bulk
+payloads take that stream; the data channel keeps control records and stays the fallback.
+
+Identity is the WebRTC link's own: each side presents, in TLS, the very certificate its peer connection uses
+for DTLS, whose fingerprints it signed in its offer or answer (signaling/signed.py). Each side sends that
+certificate in a ``direct_hello`` over the already-authenticated control channel; the receiver accepts it
+only if its fingerprints are exactly the signed ones of the remote SDP, and then trusts it alone as the root
+for the TLS handshake (mutual, TLS 1.3 only), and checks the handshake's certificate against the pinned
+fingerprint once more. A peer that presents any other certificate is refused and the link stays on WebRTC.
+
+Who dials: the side with the smaller hello token first; when it cannot connect to any announced address
+it says ``direct_unreachable`` and the other side dials back (one of two peers may be behind a NAT). The
+listener learns which link a connection is for from a 20-byte plaintext preamble (magic + the token the
+listener announced), acknowledged before TLS starts. On the stream each frame of framing.py travels with a
+4-byte length, bounded by the framing limits before the frame is read.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aioice.ice
+from aiortc import RTCPeerConnection
+from aiortc.rtcdtlstransport import RTCCertificate
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from hivewire.mesh.control import MAX_DIRECT_ADDRESSES
+from hivewire.mesh.errors import LinkError
+from hivewire.mesh.framing import HEADER
+from hivewire.signaling.signed import fingerprints_from_sdp
+
+logger = logging.getLogger(__name__)
+
+PATH_DIRECT = "direct-tls"
+PATH_WEBRTC = "webrtc"
+MAGIC = b"HWD1"
+TOKEN_BYTES = 16
+PREAMBLE = struct.Struct(f"!4s{TOKEN_BYTES}s")
+ACK = b"\x01"  # the listener's answer to a preamble it recognised: start TLS now
+READY = b"\x02"  # sent by the listener inside TLS once it verified the dialer: the stream is usable
+LENGTH = struct.Struct("!I")
+_HASHES = {"sha-256": hashes.SHA256(), "sha-384": hashes.SHA384(), "sha-512": hashes.SHA512()}
+
+
+@dataclass(frozen=True)
+class DirectSettings:
+    """Whether and where to offer the direct TLS path; both peers must enable it for a link to use it."""
+
+    enabled: bool = True  # off: no listener, no hello; links use the data channel for everything
+    # Addresses to listen on; None: the addresses ICE gathers host candidates on (mesh/ice.py restriction).
+    listen_addresses: tuple[str, ...] | None = None
+    port_min: int = 0  # TCP ports to listen on, first free one in port_min..port_max; 0..0: any free port
+    port_max: int = 0
+    # Extra addresses to announce with the listening port (a public address whose port is forwarded to us).
+    advertise_addresses: tuple[str, ...] = ()
+    connect_timeout_s: float = 2.0  # per address tried, TCP connect
+    handshake_timeout_s: float = 5.0  # preamble, TLS handshake and the READY byte
+    write_buffer_bytes: int = 4 * 2**20  # the sender waits while more than this is queued on the socket
+    redial_after_s: float = 30.0  # after a direct stream dropped, the first dialer tries again this much later
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.port_min <= self.port_max <= 65535):
+            raise ValueError(f"need 0 <= port_min <= port_max <= 65535, got {self.port_min}..{self.port_max}")
+        if self.connect_timeout_s <= 0 or self.handshake_timeout_s <= 0 or self.write_buffer_bytes <= 0:
+            raise ValueError(f"direct timeouts and buffer must be positive, got {self}")
+        for address in (*(self.listen_addresses or ()), *self.advertise_addresses):
+            ipaddress.ip_address(address)  # ValueError names a bad literal now, not at the first link
+
+
+def local_certificate(pc: RTCPeerConnection) -> RTCCertificate:
+    """The DTLS certificate of ``pc``, checked to be the one whose fingerprints our local SDP carries.
+
+    aiortc keeps it private; a version that moves it makes this raise LinkError, and the link then simply
+    stays on WebRTC, instead of pinning something else.
+    """
+    certificates = getattr(pc, "_RTCPeerConnection__certificates", None)
+    local = pc.localDescription
+    if not certificates or local is None:
+        raise LinkError("this aiortc keeps no DTLS certificate where direct.py looks for it")
+    certificate: RTCCertificate = certificates[0]
+    signed = fingerprints_from_sdp(local.sdp)
+    if not signed or not matches_fingerprints(certificate._cert, signed):
+        raise LinkError("the peer connection's DTLS certificate is not the one our SDP announces")
+    return certificate
+
+
+def matches_fingerprints(cert: x509.Certificate, fingerprints: Iterable[str]) -> bool:
+    """True when every fingerprint we can compute ("sha-256 AB:…") is ``cert``'s, and at least one is."""
+    checked = 0
+    for entry in fingerprints:
+        algorithm, _, value = entry.partition(" ")
+        if algorithm not in _HASHES:
+            continue
+        if cert.fingerprint(_HASHES[algorithm]).hex().upper() != value.replace(":", "").upper():
+            return False
+        checked += 1
+    return checked > 0
+
+
+def _server_context(own: RTCCertificate, peer: x509.Certificate) -> ssl.SSLContext:
+    return _context(ssl.PROTOCOL_TLS_SERVER, own, peer)
+
+
+def _client_context(own: RTCCertificate, peer: x509.Certificate) -> ssl.SSLContext:
+    return _context(ssl.PROTOCOL_TLS_CLIENT, own, peer)
+
+
+def _context(protocol: ssl._SSLMethod, own: RTCCertificate, peer: x509.Certificate) -> ssl.SSLContext:
+    """Mutual TLS 1.3 presenting ``own`` and trusting exactly ``peer`` (self-signed: its own root)."""
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # identity is the pinned certificate, not a name
+    context.verify_mode = ssl.CERT_REQUIRED
+    _load_chain(context, own)
+    context.load_verify_locations(cadata=peer.public_bytes(serialization.Encoding.PEM).decode("ascii"))
+    return context
+
+
+def _load_chain(context: ssl.SSLContext, own: RTCCertificate) -> None:
+    """ssl loads keys only from files: use an anonymous memory file where there is one, else a private
+    temporary directory, removed at once. The key is the link's ephemeral DTLS key, never the peer key."""
+    pem = own._key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ) + own._cert.public_bytes(serialization.Encoding.PEM)
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fd = os.memfd_create("hivewire-direct-key")
+        try:
+            os.write(fd, pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="hivewire-direct-") as folder:
+        path = Path(folder) / "chain.pem"
+        path.touch(mode=0o600)
+        path.write_bytes(pem)
+        context.load_cert_chain(path)
+
+
+class DirectStream:
+    """One established, verified TLS stream to a peer: framed writes, and a reader task feeding frames.
+
+    ``on_frame`` gets each frame (bytes); ``on_closed`` gets the reason once, whichever side ended it.
+    A length outside ``HEADER.size..max_frame_bytes`` cannot be resynchronised: the stream is closed.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        peer: str,
+        max_frame_bytes: int,
+        write_buffer_bytes: int,
+        on_frame: Callable[["DirectStream", bytes], None],
+        on_closed: Callable[["DirectStream", str], None],
+    ) -> None:
+        self.peer = peer
+        self.closed_reason: str | None = None
+        self._reader = reader
+        self._writer = writer
+        self._max_frame_bytes = max_frame_bytes
+        self._on_frame = on_frame
+        self._on_closed = on_closed
+        writer.transport.set_write_buffer_limits(high=write_buffer_bytes)
+        self._reading = asyncio.get_running_loop().create_task(self._read(), name=f"hivewire-direct-{peer}")
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    async def send_frames(self, frames: Iterable[bytes]) -> None:
+        """Write frames, each with its length, waiting while the socket buffer is full; LinkError if it dies."""
+        for frame in frames:
+            if self.closed_reason is not None:
+                raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}")
+            self._writer.write(LENGTH.pack(len(frame)))
+            self._writer.write(frame)
+            try:
+                await self._writer.drain()
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                self.abort(f"write failed: {type(exc).__name__}: {exc}")
+                raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
+
+    def abort(self, reason: str) -> None:
+        """Close now (the reader task ends too) and report ``reason`` once."""
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        self._writer.transport.abort()
+        if self._reading is not asyncio.current_task():
+            self._reading.cancel()
+        self._on_closed(self, reason)
+
+    async def close(self, reason: str = "closed locally") -> None:
+        """Abort and wait for the reader task."""
+        self.abort(reason)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reading
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                (size,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
+                if not HEADER.size <= size <= self._max_frame_bytes:
+                    self.abort(
+                        f"refused a frame length of {size} bytes, expected {HEADER.size}..{self._max_frame_bytes}"
+                    )
+                    return
+                self._on_frame(self, await self._reader.readexactly(size))
+        except asyncio.IncompleteReadError:
+            self.abort("the peer closed the stream")
+        except (ConnectionError, OSError, ssl.SSLError) as exc:
+            self.abort(f"read failed: {type(exc).__name__}: {exc}")
+
+
+class DirectEndpoint:
+    """The mesh's TCP listener (one port, on each listen address) and the registry of links expecting a dial."""
+
+    def __init__(self, settings: DirectSettings) -> None:
+        self.settings = settings
+        self.addresses: list[tuple[str, int]] = []  # what we listen on, as announced in direct_hello
+        self._servers: list[asyncio.Server] = []
+        self._sessions: dict[bytes, DirectSession] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.refused = 0  # connections refused before TLS (bad preamble, unknown token)
+
+    async def start(self) -> None:
+        """Listen on the configured addresses, or on the ICE host addresses; no address means dial-out only."""
+        settings = self.settings
+        hosts = settings.listen_addresses
+        if hosts is None:
+            hosts = tuple(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+        for host in hosts:
+            server = await self._listen(host)
+            if server is not None:
+                self._servers.append(server)
+                port = server.sockets[0].getsockname()[1]
+                self.addresses.append((host, port))
+        if self.addresses:
+            port = self.addresses[0][1]
+            self.addresses += [(host, port) for host in settings.advertise_addresses]
+            self.addresses = list(dict.fromkeys(self.addresses))[:MAX_DIRECT_ADDRESSES]
+            logger.info("direct TLS path listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
+        else:
+            logger.warning("direct TLS path: no address to listen on (%s); peers may still be dialled", hosts)
+
+    async def _listen(self, host: str) -> asyncio.Server | None:
+        settings = self.settings
+        ports = range(settings.port_min, settings.port_max + 1)
+        for port in ports:
+            try:
+                return await asyncio.start_server(self._accept, host, port, reuse_address=True)
+            except OSError as exc:
+                last = exc
+        logger.warning("direct TLS path: cannot listen on %s ports %d..%d: %s", host, ports[0], ports[-1], last)
+        return None
+
+    def register(self, token: bytes, session: "DirectSession") -> None:
+        self._sessions[token] = session
+
+    def unregister(self, token: bytes) -> None:
+        self._sessions.pop(token, None)
+
+    async def close(self) -> None:
+        """Stop listening and end connections still in their preamble."""
+        for server in self._servers:
+            server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read the preamble, find the link it names, acknowledge, and hand the connection over."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        handed_over = False
+        try:
+            remote = writer.get_extra_info("peername")
+            async with asyncio.timeout(self.settings.handshake_timeout_s):
+                magic, token = PREAMBLE.unpack(await reader.readexactly(PREAMBLE.size))
+            session = self._sessions.get(token) if magic == MAGIC else None
+            if session is None:
+                self.refused += 1
+                logger.warning("direct TLS path: refused a connection from %s: unknown preamble or token", remote)
+                return
+            writer.write(ACK)
+            handed_over = await session.accept(reader, writer)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            self.refused += 1
+            logger.info("direct TLS path: dropped an incoming connection before TLS: %s", type(exc).__name__)
+        finally:
+            if not handed_over:
+                writer.transport.abort()
+            self._handlers.discard(task)
+
+
+class DirectSession:
+    """One link's side of the direct path: hello, pinning, dialing or accepting, and the resulting stream.
+
+    ``send_control`` sends a control record on the link; ``on_stream`` receives the verified stream (the
+    link reads and writes it from then on); ``on_frame``/``on_closed`` are the stream's callbacks.
+    """
+
+    def __init__(
+        self,
+        endpoint: DirectEndpoint,
+        pc: RTCPeerConnection,
+        *,
+        peer: str,
+        max_frame_bytes: int,
+        send_control: Callable[[Mapping[str, Any]], None],
+        on_stream: Callable[[DirectStream], None],
+        on_frame: Callable[[DirectStream, bytes], None],
+        on_closed: Callable[[DirectStream, str], None],
+    ) -> None:
+        self.peer = peer
+        self.streams = 0  # direct streams this link has had (a redial after a drop counts again)
+        self.refusal: str | None = None  # why this peer's direct path was refused (identity), for doctor
+        self._endpoint = endpoint
+        self._settings = endpoint.settings
+        self._max_frame_bytes = max_frame_bytes
+        self._send_control = send_control
+        self._on_stream = on_stream
+        self._on_frame = on_frame
+        self._on_closed = on_closed
+        self._own = local_certificate(pc)
+        remote = pc.remoteDescription
+        self._remote_fingerprints = fingerprints_from_sdp(remote.sdp) if remote is not None else []
+        self._remote_ips = _candidate_ips(remote.sdp if remote is not None else "")
+        self._token = secrets.token_bytes(TOKEN_BYTES)
+        self._peer_cert: x509.Certificate | None = None
+        self._peer_token: bytes | None = None
+        self._peer_addresses: list[tuple[str, int]] = []
+        self._dialed = False
+        self._stream: DirectStream | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def start(self) -> None:
+        """Announce our certificate, token and addresses; the peer's hello may already be on its way."""
+        self._endpoint.register(self._token, self)
+        der = self._own._cert.public_bytes(serialization.Encoding.DER)
+        addresses = [[host, port] for host, port in self._endpoint.addresses]
+        self._send_control({"type": "direct_hello", "cert": der, "token": self._token.hex(), "addresses": addresses})
+
+    def on_record(self, record: Mapping[str, Any]) -> None:
+        """A validated direct_hello or direct_unreachable from the peer."""
+        if self._closing:
+            return
+        if record["type"] == "direct_hello":
+            self._on_hello(record)
+        elif self._peer_cert is not None and not self._dialed and self._stream is None:
+            logger.info("%s cannot reach us directly (tried %d addresses); dialling it", self.peer, record["tried"])
+            self._spawn(self._dial(report_failure=False))
+
+    async def close(self) -> None:
+        self._closing = True
+        self._endpoint.unregister(self._token)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._stream is not None:
+            await self._stream.close()
+
+    def _on_hello(self, record: Mapping[str, Any]) -> None:
+        if self._peer_cert is not None or self.refusal is not None:
+            return  # one hello per link; a second one changes nothing
+        try:
+            cert = x509.load_der_x509_certificate(record["cert"])
+        except ValueError as exc:
+            self._refuse(f"its direct_hello certificate is not DER X.509: {exc}")
+            return
+        if not matches_fingerprints(cert, self._remote_fingerprints):
+            self._refuse("its direct_hello certificate does not match the fingerprints it signed for this link")
+            return
+        self._peer_cert = cert
+        self._peer_token = bytes.fromhex(record["token"])
+        announced = [(host, port) for host, port in record["addresses"]]
+        ports = list(dict.fromkeys(port for _, port in announced))
+        # The ICE candidates of the verified SDP are where the peer showed up; try them with its TCP port too.
+        guesses = [(ip, port) for ip in self._remote_ips for port in ports[:1]]
+        self._peer_addresses = list(dict.fromkeys(announced + guesses))[:MAX_DIRECT_ADDRESSES]
+        if self._token < self._peer_token:
+            self._spawn(self._dial(report_failure=True))
+
+    def _refuse(self, reason: str) -> None:
+        self.refusal = reason
+        logger.warning("direct TLS path to %s refused: %s; the link stays on WebRTC", self.peer, reason)
+
+    async def _dial(self, *, report_failure: bool) -> None:
+        """Try each address in turn; the first verified stream wins. Say so when none worked."""
+        self._dialed = True
+        assert self._peer_token is not None
+        assert self._peer_cert is not None
+        problems = []
+        for host, port in self._peer_addresses:
+            if self._stream is not None or self._closing or self.refusal is not None:
+                return
+            try:
+                await self._dial_one(host, port)
+                return
+            except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+                problems.append(f"{host}:{port}: {type(exc).__name__}: {exc}"[:200])
+        if self._stream is not None or self._closing:
+            return
+        logger.info("no direct path to %s (%s); bulk stays on WebRTC", self.peer, "; ".join(problems) or "no address")
+        if report_failure:
+            with contextlib.suppress(LinkError):
+                self._send_control({"type": "direct_unreachable", "tried": len(self._peer_addresses)})
+
+    async def _dial_one(self, host: str, port: int) -> None:
+        assert self._peer_token is not None
+        assert self._peer_cert is not None
+        settings = self._settings
+        async with asyncio.timeout(settings.connect_timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+        try:
+            async with asyncio.timeout(settings.handshake_timeout_s):
+                writer.write(PREAMBLE.pack(MAGIC, self._peer_token))
+                if await reader.readexactly(1) != ACK:
+                    raise ConnectionError("the listener did not acknowledge the preamble")
+                await writer.start_tls(_client_context(self._own, self._peer_cert))
+                # TLS 1.3 finishes on the client before the server checked our certificate: wait for its word.
+                if await reader.readexactly(1) != READY:
+                    raise ConnectionError("the listener did not confirm the TLS session")
+            self._verify(writer)
+        except BaseException:
+            writer.transport.abort()
+            raise
+        self._adopt(reader, writer, f"dialled {host}:{port}")
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """The listener's connection for this link: TLS as server, verify, READY; True when adopted."""
+        if self._peer_cert is None or self._stream is not None or self._closing:
+            return False
+        remote = writer.get_extra_info("peername")
+        try:
+            async with asyncio.timeout(self._settings.handshake_timeout_s):
+                await writer.start_tls(_server_context(self._own, self._peer_cert))
+                self._verify(writer)
+                writer.write(READY)
+                await writer.drain()
+        except ssl.SSLCertVerificationError as exc:
+            self._refuse(f"a connection from {remote} presented a certificate other than the signed one: {exc}")
+            return False
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError) as exc:
+            logger.info(
+                "direct TLS handshake from %s for %s failed: %s: %s", remote, self.peer, type(exc).__name__, exc
+            )
+            return False
+        if self._stream is not None or self._closing:
+            return False
+        self._adopt(reader, writer, f"accepted from {remote}")
+        return True
+
+    def _verify(self, writer: asyncio.StreamWriter) -> None:
+        """The certificate of the finished handshake must be the pinned one (OpenSSL already trusted only it)."""
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is None or not matches_fingerprints(x509.load_der_x509_certificate(der), self._remote_fingerprints):
+            raise ssl.SSLCertVerificationError(f"{self.peer}: the TLS certificate is not the signed one")
+
+    def _adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, how: str) -> None:
+        stream = DirectStream(
+            reader,
+            writer,
+            peer=self.peer,
+            max_frame_bytes=self._max_frame_bytes,
+            write_buffer_bytes=self._settings.write_buffer_bytes,
+            on_frame=self._on_frame,
+            on_closed=self._stream_closed,
+        )
+        self._stream = stream
+        self.streams += 1
+        logger.info("direct TLS path to %s is up (%s); bulk payloads move there", self.peer, how)
+        self._on_stream(stream)
+
+    def _stream_closed(self, stream: DirectStream, reason: str) -> None:
+        """Tell the link, then let the first dialer try again after redial_after_s (a drop may be transient)."""
+        self._on_closed(stream, reason)
+        if self._stream is not stream or self._closing:
+            return
+        self._stream = None
+        self._dialed = False
+        if self.refusal is None and self._peer_token is not None and self._token < self._peer_token:
+            self._spawn(self._redial())
+
+    async def _redial(self) -> None:
+        await asyncio.sleep(self._settings.redial_after_s)
+        await self._dial(report_failure=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"hivewire-direct-dial-{self.peer}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _candidate_ips(sdp: str) -> list[str]:
+    """The addresses of host and server-reflexive candidates in an SDP (relayed ones are the TURN server's)."""
+    found: list[str] = []
+    for line in sdp.splitlines():
+        parts = line.split()
+        if line.startswith("a=candidate:") and len(parts) >= 8 and parts[7] in ("host", "srflx"):
+            try:
+                found.append(str(ipaddress.ip_address(parts[4])))
+            except ValueError:
+                continue  # an mDNS name or garbage: nothing to dial
+    return list(dict.fromkeys(found))
