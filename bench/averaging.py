@@ -1,297 +1,417 @@
-"""Averaging benchmark: one butterfly round against torch.distributed (gloo) all_reduce, same machine, same run.
+"""Averaging benchmark: one butterfly round over each transport, against gloo and the bandwidth bound, same run.
 
-Prints one table: for 2 and 4 peers and 10 MB / 100 MB float32 tensors, the median wall time of one round
-(the slowest peer's time, each round started together behind a barrier) of
+Prints one table. Each row is the median wall time of one averaging round (the slowest peer's time, every
+round started together behind a barrier, after one warm-up round) of hivewire's ``butterfly_allreduce``
+between separate peer processes, over:
 
-* hivewire's ``butterfly_allreduce`` over loopback TCP between separate processes (a length-prefixed
-  connection per pair, ``TcpGroupTransport`` below; the mesh's aiortc Links run at ~20 MB/s in pure Python,
-  shared/notes/webrtc-field-notes.md, which would measure SCTP rather than averaging), codec ``none`` and
-  the compressed ``fp16`` / ``int8`` for comparison;
-* gloo ``all_reduce`` (sum) of the same tensor in the same processes,
+* ``tcp``: a plain length-prefixed TCP connection per pair (bench/_tcp.py), the baseline transport;
+* ``webrtc untuned`` / ``webrtc tuned`` / ``direct TLS``: the project's mesh Links (LinkGroupTransport over
+  mesh.Link, offers and answers passed over pipes, bench/_links.py); a path the installed client lacks
+  prints ``n/a``;
+* ``gloo``: torch.distributed ``all_reduce`` (sum) of the same tensor in the same processes,
 
-their ratio, and the bandwidth-optimal bound 2·(n−1)/n·size/bandwidth at ``--bandwidth-mbit`` (a link of
-that speed, full duplex, per peer). Everything stays on 127.0.0.1 (gloo pinned to ``lo``). Each process
-runs torch on one thread, so several peers on few cores compete as little as they can. It never asserts on
-times. Usage: ``python bench/averaging.py [--quick] [--repeat 3] [--bandwidth-mbit 1000]``.
+on two networks:
+
+* ``loopback``: everything on 127.0.0.1 (gloo pinned to ``lo``); 2 and 4 peers over TCP with codecs
+  none/fp16/int8, 2 peers over each Link path with codecs none/int8; 10 MB and 100 MB float32;
+* ``wan``: peers in network namespaces behind an emulated WAN (bench/_wan.py: ``--delay-ms`` one way, so
+  RTT twice that, and ``--rate-mbit`` per peer each way; needs root), 2 and 4 peers, codec none.
+
+Columns: ``t/gloo`` and ``t/tcp`` are time ratios against the gloo and TCP rows of the same network, peers
+and size (and codec, for TCP); ``untuned/t`` is the speedup over the untuned WebRTC row; ``bound`` is the
+bandwidth-optimal 2(n-1)/n * size / bandwidth (``--bandwidth-mbit`` on loopback, ``--rate-mbit`` on the
+WAN) and ``%bound`` = bound / time (fp32 bytes before compression, so compressed rows can pass 100%).
+Results are checked, not assumed: every peer of a round must end with the same bits, and codec ``none``
+rows must agree bit for bit across transports. Each process runs torch on one thread. It never asserts on
+times; the load average is printed beside the table, since other work on the machine skews every row.
+
+Usage::
+
+    python bench/averaging.py                      # everything (a few minutes; WAN rows need root)
+    python bench/averaging.py --quick              # smaller sizes, 1 round, 2-peer WAN: under a minute
+    python bench/averaging.py --paths webrtc-tuned direct-tls --no-wan
+    python bench/averaging.py --wan-only --wan-peers 2 4 --wan-mb 10 50
 """
 
 import argparse
 import asyncio
+import hashlib
 import multiprocessing
 import os
 import socket
 import statistics
+import sys
 import time
-from multiprocessing.connection import Connection
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from multiprocessing.synchronize import Barrier
+from typing import Any
 
+import _links
+import _wan
 import torch
 import torch.distributed as dist
+from _tcp import connect_tcp_group
 
-from hivewire.averaging import ButterflySettings, PeerUnreachable, butterfly_allreduce, get_codec
+from hivewire.averaging import ButterflySettings, GroupTransport, LinkGroupTransport, butterfly_allreduce, get_codec
 
 LOOPBACK = "127.0.0.1"
 CODECS = ("none", "fp16", "int8")
-MAX_MESSAGE_BYTES = 2**30  # the largest message a benchmark peer accepts
-SETUP_TIMEOUT_S = 60.0
+LINK_CODECS = ("none", "int8")
 SETTINGS = ButterflySettings(reduce_timeout_s=120.0, gather_timeout_s=120.0)
+BARRIER_TIMEOUT_S = 300.0  # a peer stuck this long at a barrier means another one failed
+JOB_TIMEOUT_S = 1800.0  # one set of peer processes, all its rounds
+NS_PORT = 47_000  # inside a namespace nothing else listens: rank r uses NS_PORT + r, gloo NS_PORT + 100
 
 Key = tuple[str, int, str]  # (method, tensor bytes, codec)
 
 
-class _Stream(asyncio.BufferedProtocol):
-    """One TCP connection carrying 8-byte little-endian lengths, each followed by a message.
+@dataclass(frozen=True)
+class Job:
+    """One set of peer processes and what they measure: gloo + butterfly over TCP, or butterfly over Links."""
 
-    Each message is received straight into a buffer of its size (asyncio's StreamReader would copy every
-    chunk into a growing buffer, then once more out of it, which costs more than the averaging at 100 MB).
-    The first message on a connection is the dialer's rank.
-    """
-
-    def __init__(self, group: "TcpGroupTransport") -> None:
-        self.group = group
-        self.peer: str | None = None
-        self.transport: asyncio.Transport | None = None
-        self.queue: asyncio.Queue[bytearray | None] = asyncio.Queue()
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self._header = bytearray(8)
-        self._body: bytearray | None = None
-        self._filled = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._header if self._body is None else self._body)[self._filled :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        if self._body is None:
-            if self._filled == len(self._header):
-                size = int.from_bytes(self._header, "little")
-                if size > MAX_MESSAGE_BYTES:
-                    assert self.transport is not None
-                    self.transport.close()
-                    return
-                self._body, self._filled = bytearray(size), 0
-        elif self._filled == len(self._body):
-            self._deliver(self._body)
-            self._body, self._filled = None, 0
-
-    def _deliver(self, message: bytearray) -> None:
-        if self.peer is None:
-            self.peer = f"peer{int.from_bytes(message, 'little')}"
-            self.group.add(self.peer, self)
-        else:
-            self.queue.put_nowait(message)
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.queue.put_nowait(None)
-        self.writable.set()
-
-    async def send(self, data: bytes | bytearray) -> None:
-        assert self.transport is not None
-        if self.transport.is_closing():
-            raise PeerUnreachable(f"connection to {self.peer} closed")
-        self.transport.write(len(data).to_bytes(8, "little"))
-        self.transport.write(data)
-        await self.writable.wait()
+    method: str  # "tcp" or one of _links.PATHS
+    peers: int
+    sizes: tuple[int, ...]
+    codecs: tuple[str, ...]
+    repeat: int
+    hosts: tuple[str, ...]  # each rank's address
+    ports: tuple[int, ...]  # each rank's TCP port, then gloo's rendezvous port
+    namespaces: tuple[str, ...] = ()  # each rank's network namespace, or () for this one
+    interface: str = "lo"  # where gloo's sockets go
 
 
-class TcpGroupTransport:
-    """A GroupTransport over one loopback TCP connection per pair of peers."""
+@dataclass
+class Outcome:
+    """What a job's peers reported: per key the rounds' times (slowest peer), and the result digests."""
 
-    def __init__(self, expected: int) -> None:
-        self.streams: dict[str, _Stream] = {}
-        self.expected = expected
-        self.connected = asyncio.Event()
-        if expected == 0:
-            self.connected.set()
-
-    def add(self, peer: str, stream: _Stream) -> None:
-        self.streams[peer] = stream
-        if len(self.streams) == self.expected:
-            self.connected.set()
-
-    async def send(self, peer: str, data: bytes | bytearray) -> None:
-        await self.streams[peer].send(data)
-
-    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:
-        queue = self.streams[peer].queue
-        async with asyncio.timeout(timeout_s):
-            data = await queue.get()
-        if data is None:
-            queue.put_nowait(None)
-            raise PeerUnreachable(f"connection from {peer} closed")
-        return data
-
-    def close(self) -> None:
-        for stream in self.streams.values():
-            if stream.transport is not None:
-                stream.transport.close()
-
-
-async def _connect_mesh(rank: int, ports: list[int], barrier: Barrier) -> tuple[TcpGroupTransport, asyncio.Server]:
-    """Every rank listens on its port, waits until all do, and dials the ranks below it (saying who it is)."""
-    loop = asyncio.get_running_loop()
-    group = TcpGroupTransport(expected=len(ports) - 1)
-    server = await loop.create_server(lambda: _Stream(group), LOOPBACK, ports[rank])
-    await asyncio.to_thread(barrier.wait)
-    for other in range(rank):
-        _, stream = await loop.create_connection(lambda: _Stream(group), LOOPBACK, ports[other])
-        stream.peer = f"peer{other}"
-        group.add(stream.peer, stream)
-        await stream.send(rank.to_bytes(8, "little"))
-    await asyncio.wait_for(group.connected.wait(), SETUP_TIMEOUT_S)
-    return group, server
+    times: dict[Key, list[float]] = field(default_factory=dict)
+    digests: dict[Key, str] = field(default_factory=dict)
+    error: str | None = None
 
 
 def _tensor(numel: int, rank: int) -> torch.Tensor:
     return torch.randn(numel, generator=torch.Generator().manual_seed(rank))
 
 
-def _gloo(rank: int, sizes: list[int], repeat: int) -> dict[Key, list[float]]:
-    times: dict[Key, list[float]] = {}
-    for size in sizes:
-        tensor = _tensor(size // 4, rank)
-        for attempt in range(repeat + 1):  # the first is a warm-up
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(tensor)
-            if attempt:
-                times.setdefault(("gloo", size, "none"), []).append(time.perf_counter() - start)
-    return times
+def _wait(barrier: Barrier) -> None:
+    barrier.wait(BARRIER_TIMEOUT_S)
 
 
-async def _butterfly(
-    rank: int, n: int, ports: list[int], barrier: Barrier, sizes: list[int], repeat: int
-) -> dict[Key, list[float]]:
-    transport, server = await _connect_mesh(rank, ports, barrier)
-    throughputs = {f"peer{i}": 1.0 for i in range(n)}
+def _gloo(job: Job, rank: int) -> dict[Key, list[float]]:
+    os.environ["GLOO_SOCKET_IFNAME"] = job.interface
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{job.hosts[0]}:{job.ports[-1]}", rank=rank, world_size=job.peers
+    )
     times: dict[Key, list[float]] = {}
     try:
-        for size in sizes:
+        for size in job.sizes:
             tensor = _tensor(size // 4, rank)
-            for codec in CODECS:
-                for attempt in range(repeat + 1):
-                    await asyncio.to_thread(barrier.wait)  # never block the loop: it still flushes our sends
-                    start = time.perf_counter()
-                    _, report = await butterfly_allreduce(
-                        tensor,
-                        me=f"peer{rank}",
-                        throughputs=throughputs,
-                        weight=1.0,
-                        round_id=f"{size}-{codec}-{attempt}",
-                        transport=transport,
-                        codec=get_codec(codec),
-                        settings=SETTINGS,
-                    )
-                    if report.excluded:
-                        raise RuntimeError(f"benchmark round lost members: {report.excluded}")
-                    if attempt:
-                        times.setdefault(("hivewire", size, codec), []).append(time.perf_counter() - start)
-        await asyncio.to_thread(barrier.wait)  # nobody closes while another still reads
-    finally:
-        transport.close()
-        server.close()
-    return times
-
-
-def worker(
-    rank: int,
-    n: int,
-    ports: list[int],
-    gloo_port: int,
-    barrier: Barrier,
-    sizes: list[int],
-    repeat: int,
-    conn: Connection,
-) -> None:
-    """One peer: gloo rounds, then butterfly rounds; sends back {key: [seconds per round]}."""
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{gloo_port}", rank=rank, world_size=n)
-    try:
-        times = _gloo(rank, sizes, repeat)
+            for attempt in range(job.repeat + 1):  # the first is a warm-up
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(tensor)
+                if attempt:
+                    times.setdefault(("gloo", size, "none"), []).append(time.perf_counter() - start)
     finally:
         dist.destroy_process_group()
-    times.update(asyncio.run(_butterfly(rank, n, ports, barrier, sizes, repeat)))
-    conn.send(times)
-    conn.close()
+    return times
 
 
-def _free_ports(count: int) -> list[int]:
+async def _rounds(
+    job: Job, rank: int, transport: GroupTransport, barrier: Barrier
+) -> tuple[dict[Key, list[float]], dict[Key, str]]:
+    """Timed butterfly rounds for every size and codec; the last round's result digest per key."""
+    throughputs = {f"peer{i}": 1.0 for i in range(job.peers)}
+    times: dict[Key, list[float]] = {}
+    digests: dict[Key, str] = {}
+    for size in job.sizes:
+        tensor = _tensor(size // 4, rank)
+        for codec in job.codecs:
+            key = (job.method, size, codec)
+            for attempt in range(job.repeat + 1):
+                await asyncio.to_thread(_wait, barrier)  # never block the loop: it still flushes our sends
+                start = time.perf_counter()
+                result, report = await butterfly_allreduce(
+                    tensor,
+                    me=f"peer{rank}",
+                    throughputs=throughputs,
+                    weight=1.0,
+                    round_id=f"{size}-{codec}-{attempt}",
+                    transport=transport,
+                    codec=get_codec(codec),
+                    settings=SETTINGS,
+                )
+                elapsed = time.perf_counter() - start
+                if report.excluded:
+                    raise RuntimeError(f"round {size}-{codec}-{attempt} lost members: {report.excluded}")
+                if attempt:
+                    times.setdefault(key, []).append(elapsed)
+            digests[key] = hashlib.sha256(result.numpy().tobytes()).hexdigest()
+    await asyncio.to_thread(_wait, barrier)  # nobody closes while another still reads
+    return times, digests
+
+
+async def _over_tcp(job: Job, rank: int, barrier: Barrier) -> tuple[dict[Key, list[float]], dict[Key, str]]:
+    transport = await connect_tcp_group(rank, list(zip(job.hosts, job.ports, strict=False)), barrier)
+    try:
+        return await _rounds(job, rank, transport, barrier)
+    finally:
+        transport.close()
+
+
+async def _over_links(
+    job: Job, rank: int, barrier: Barrier, pipes: dict[int, Connection]
+) -> tuple[dict[Key, list[float]], dict[Key, str]]:
+    links = await _links.open_links(rank, pipes, host=job.hosts[rank], path=job.method)
+    try:
+        return await _rounds(job, rank, LinkGroupTransport(links), barrier)
+    finally:
+        await _links.close_links(links)
+
+
+def worker(job: Job, rank: int, barrier: Barrier, pipes: dict[int, Connection], result: Connection) -> None:
+    """One peer: (gloo rounds, then) butterfly rounds; sends back (times, digests) or ("error", traceback)."""
+    try:
+        if job.namespaces:
+            _wan.enter_namespace(job.namespaces[rank])
+        torch.set_num_threads(1)
+        if job.method == "tcp":
+            times = _gloo(job, rank)
+            more, digests = asyncio.run(_over_tcp(job, rank, barrier))
+            times.update(more)
+        else:
+            times, digests = _links.runner(job.method)(_over_links(job, rank, barrier, pipes))
+        result.send((times, digests))
+    except BaseException:
+        barrier.abort()  # the other peers stop waiting for us
+        result.send(("error", f"peer {rank}: {traceback.format_exc()}"))
+    finally:
+        result.close()
+
+
+def _free_ports(count: int) -> tuple[int, ...]:
     sockets = [socket.socket() for _ in range(count)]
     for sock in sockets:
         sock.bind((LOOPBACK, 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
+    ports = tuple(sock.getsockname()[1] for sock in sockets)
     for sock in sockets:
         sock.close()
     return ports
 
 
-def measure(n: int, sizes: list[int], repeat: int) -> dict[Key, float]:
-    """Run ``n`` peer processes; per key, the median over rounds of the slowest peer's time."""
+def run_job(job: Job) -> Outcome:
+    """Run the job's peer processes; per key, the median over rounds of the slowest peer's time."""
     context = multiprocessing.get_context("spawn")
-    ports = _free_ports(n + 1)
-    barrier = context.Barrier(n)
-    pipes = [context.Pipe(duplex=False) for _ in range(n)]
+    barrier = context.Barrier(job.peers)
+    results = [context.Pipe(duplex=False) for _ in range(job.peers)]
+    pipes: list[dict[int, Connection]] = [{} for _ in range(job.peers)]
+    if job.method != "tcp":
+        for a in range(job.peers):
+            for b in range(a + 1, job.peers):
+                pipes[a][b], pipes[b][a] = context.Pipe(duplex=True)
     processes = [
-        context.Process(target=worker, args=(rank, n, ports[:n], ports[n], barrier, sizes, repeat, pipes[rank][1]))
-        for rank in range(n)
+        context.Process(target=worker, args=(job, rank, barrier, pipes[rank], results[rank][1]), daemon=True)
+        for rank in range(job.peers)
     ]
     for process in processes:
         process.start()
-    per_rank = [receiving.recv() for receiving, _ in pipes]
+    for _, sending in results:
+        sending.close()  # ours: a peer that dies without a word then reads as EOF
+    outcome = Outcome()
+    replies: dict[int, Any] = {}
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    pending = {receiving: rank for rank, (receiving, _) in enumerate(results)}
+    while pending and time.monotonic() < deadline:
+        for ready in wait(list(pending), timeout=5.0):
+            rank = pending.pop(ready)  # type: ignore[call-overload]
+            try:
+                replies[rank] = ready.recv()  # type: ignore[union-attr]
+            except EOFError:
+                replies[rank] = ("error", f"peer {rank} exited without a result")
     for process in processes:
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"a benchmark peer exited with {process.exitcode}")
-    return {
-        key: statistics.median(max(rank_times[key][i] for rank_times in per_rank) for i in range(repeat))
-        for key in per_rank[0]
-    }
+        process.join(10.0)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    errors = [reply[1] for reply in replies.values() if reply[0] == "error"]
+    if pending:
+        errors.append(f"peers {sorted(pending.values())} sent nothing within {JOB_TIMEOUT_S} s")
+    if errors:
+        outcome.error = errors[0]
+        return outcome
+    per_rank = [replies[rank] for rank in range(job.peers)]
+    for key in per_rank[0][0]:
+        rounds = len(per_rank[0][0][key])
+        outcome.times[key] = [max(times[key][i] for times, _ in per_rank) for i in range(rounds)]
+    for key, digest in per_rank[0][1].items():
+        if any(digests[key] != digest for _, digests in per_rank):
+            outcome.error = f"{key}: peers ended the round with different results"
+        outcome.digests[key] = digest
+    return outcome
+
+
+@dataclass
+class Row:
+    network: str  # "loopback" or "wan"
+    peers: int
+    size: int
+    codec: str
+    method: str
+    seconds: float | None
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    """Collects rows and every failure; prints the table at the end."""
+
+    args: argparse.Namespace
+    rows: list[Row] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    digests: dict[tuple[str, int, int, str], dict[str, str]] = field(default_factory=dict)
+
+    def measure(self, network: str, job: Job) -> None:
+        label = f"{network} {job.peers} peers {job.method}"
+        print(f"... {label}: {', '.join(f'{s / 1e6:g} MB' for s in job.sizes)}", file=sys.stderr, flush=True)
+        outcome = run_job(job)
+        if outcome.error is not None:
+            self.failures.append(f"{label}: {outcome.error}")
+        methods = ("gloo", job.method) if job.method == "tcp" else (job.method,)
+        for method in methods:
+            for size in job.sizes:
+                for codec in ("none",) if method == "gloo" else job.codecs:
+                    times = outcome.times.get((method, size, codec))
+                    seconds = statistics.median(times) if times else None
+                    self.rows.append(Row(network, job.peers, size, codec, method, seconds, "" if times else "error"))
+        for (method, size, codec), digest in outcome.digests.items():
+            self.digests.setdefault((network, job.peers, size, codec), {})[method] = digest
+
+    def skip(self, network: str, peers: int, sizes: tuple[int, ...], codecs: tuple[str, ...], method: str, why: str):
+        for size in sizes:
+            for codec in codecs:
+                self.rows.append(Row(network, peers, size, codec, method, None, why))
+
+    def check_agreement(self) -> None:
+        """Codec none must give the same bits whichever transport carried the round."""
+        for (network, peers, size, codec), by_method in sorted(self.digests.items()):
+            if codec == "none" and len(set(by_method.values())) > 1:
+                self.failures.append(f"{network} {peers} peers {size} B: results differ across {sorted(by_method)}")
+
+    def print_table(self, started: float) -> None:
+        find = {(r.network, r.peers, r.size, r.codec, r.method): r.seconds for r in self.rows}
+        header = (
+            f"{'network':<8} {'peers':>5} {'size':>7} {'codec':>5} {'path':<15} {'round s':>8} {'t/gloo':>7} "
+            f"{'t/tcp':>6} {'untuned/t':>9} {'bound s':>8} {'%bound':>6} {'MB/s':>6}"
+        )
+        print(header)
+        print("-" * len(header))
+        for row in self.rows:
+            bandwidth = (self.args.rate_mbit if row.network == "wan" else self.args.bandwidth_mbit) * 1e6 / 8
+            moved = 2 * (row.peers - 1) / row.peers * row.size
+            bound = moved / bandwidth
+            name = _links.PATH_LABELS.get(row.method, row.method)
+            start = f"{row.network:<8} {row.peers:>5} {row.size / 1e6:>5g}MB {row.codec:>5} {name:<15}"
+            if row.seconds is None:
+                print(f"{start} {row.note}")
+                continue
+            ratios = []
+            for method, invert in (("gloo", False), ("tcp", False), ("webrtc-untuned", True)):
+                codec = "none" if method == "gloo" else row.codec
+                base = find.get((row.network, row.peers, row.size, codec, method))
+                if not base or row.method in ("gloo", method) or (method != "gloo" and row.method == "tcp"):
+                    ratios.append("")
+                else:
+                    ratios.append(f"{(base / row.seconds if invert else row.seconds / base):.2f}x")
+            print(
+                f"{start} {row.seconds:>8.3f} {ratios[0]:>7} {ratios[1]:>6} {ratios[2]:>9} {bound:>8.3f} "
+                f"{100 * bound / row.seconds:>5.0f}% {moved / row.seconds / 1e6:>6.0f}"
+            )
+        load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+        print(
+            f"\nmedian of {self.args.repeat} round(s) after a warm-up (untuned WebRTC: {self.args.untuned_repeat}); "
+            f"loopback bound at {self.args.bandwidth_mbit:g} Mbit/s, WAN {self.args.rate_mbit:g} Mbit/s each way "
+            f"and {2 * self.args.delay_ms:g} ms RTT; MB/s = 2(n-1)/n * size / time (fp32 bytes)\n"
+            f"{os.cpu_count()} CPU(s), load average {load} (other work skews every row), "
+            f"{time.perf_counter() - started:.0f} s in all"
+        )
+
+
+def _sizes(megabytes: list[float]) -> tuple[int, ...]:
+    return tuple(int(mb * 1e6) // 4 * 4 for mb in megabytes)
+
+
+def loopback(bench: Bench) -> None:
+    args = bench.args
+    sizes = _sizes(args.sizes_mb)
+    for peers in args.peers:
+        ports = _free_ports(peers + 1)
+        bench.measure("loopback", Job("tcp", peers, sizes, CODECS, args.repeat, (LOOPBACK,) * peers, ports))
+    for path in args.paths:
+        why = _links.unavailable(path)
+        if why is not None:
+            bench.skip("loopback", 2, sizes, LINK_CODECS, path, why)
+            continue
+        repeat = args.untuned_repeat if path == "webrtc-untuned" else args.repeat
+        bench.measure("loopback", Job(path, 2, sizes, LINK_CODECS, repeat, (LOOPBACK,) * 2, ()))
+
+
+def wan(bench: Bench) -> None:
+    args = bench.args
+    sizes = _sizes(args.wan_mb)
+    why = _wan.unavailable()
+    for peers in args.wan_peers:
+        if why is not None:
+            bench.skip("wan", peers, sizes, ("none",), "tcp", f"n/a ({why})")
+            continue
+        with _wan.WanLab(peers, delay_ms=args.delay_ms, rate_mbit=args.rate_mbit) as lab:
+            hosts = tuple(lab.addresses)
+            ports = (*(NS_PORT + rank for rank in range(peers)), NS_PORT + 100)
+            spaces = tuple(lab.namespaces)
+            bench.measure("wan", Job("tcp", peers, sizes, ("none",), args.repeat, hosts, ports, spaces, "eth0"))
+            for path in args.paths:
+                unusable = _links.unavailable(path)
+                if unusable is not None:
+                    bench.skip("wan", peers, sizes, ("none",), path, unusable)
+                    continue
+                repeat = args.untuned_repeat if path == "webrtc-untuned" else args.repeat
+                bench.measure("wan", Job(path, peers, sizes, ("none",), repeat, hosts, (), spaces, "eth0"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 MB and 10 MB tensors instead of 10 MB and 100 MB")
+    parser.add_argument("--quick", action="store_true", help="1 and 10 MB, 1 round, 2-peer WAN at 4 MB")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per row (after one warm-up)")
-    parser.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="link speed for the bound column")
+    parser.add_argument("--untuned-repeat", type=int, default=1, help="timed rounds of the untuned WebRTC rows")
+    parser.add_argument("--sizes-mb", type=float, nargs="+", help="loopback tensor sizes (default 10 100)")
+    parser.add_argument("--peers", type=int, nargs="+", default=[2, 4], help="loopback group sizes over TCP")
+    parser.add_argument("--paths", nargs="*", choices=_links.PATHS, default=list(_links.PATHS), help="Link paths")
+    parser.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="loopback bound's link speed")
+    parser.add_argument("--no-wan", action="store_true", help="leave out the emulated WAN rows")
+    parser.add_argument("--wan-only", action="store_true", help="only the emulated WAN rows")
+    parser.add_argument("--wan-peers", type=int, nargs="+", help="WAN group sizes (default 2 4)")
+    parser.add_argument("--wan-mb", type=float, nargs="+", help="WAN tensor sizes (default 10)")
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="WAN one-way delay (RTT is twice it)")
+    parser.add_argument("--rate-mbit", type=float, default=100.0, help="WAN rate per peer, each way")
     args = parser.parse_args()
-    sizes = [10**6, 10**7] if args.quick else [10**7, 10**8]
-    bandwidth = args.bandwidth_mbit * 1e6 / 8
+    if args.quick:
+        args.repeat = min(args.repeat, 1)
+    args.sizes_mb = args.sizes_mb or ([1, 10] if args.quick else [10, 100])
+    args.wan_peers = args.wan_peers or ([2] if args.quick else [2, 4])
+    args.wan_mb = args.wan_mb or ([4] if args.quick else [10])
+    args.untuned_repeat = min(args.untuned_repeat, args.repeat)
     started = time.perf_counter()
-    header = (
-        f"{'peers':>5} {'size':>7} {'codec':>5} {'hivewire s':>10} {'gloo s':>8} {'ratio':>6} "
-        f"{'bound s':>8} {'hivewire MB/s':>13}"
-    )
-    print(f"one averaging round, median of {args.repeat}; bound = 2(n-1)/n * size / {args.bandwidth_mbit:g} Mbit/s")
-    print(header)
-    print("-" * len(header))
-    for n in (2, 4):
-        results = measure(n, sizes, args.repeat)
-        for size in sizes:
-            gloo = results[("gloo", size, "none")]
-            moved = 2 * (n - 1) / n * size
-            for codec in CODECS:
-                ours = results[("hivewire", size, codec)]
-                print(
-                    f"{n:>5} {size // 10**6:>5}MB {codec:>5} {ours:>10.3f} {gloo:>8.3f} {ours / gloo:>5.1f}x "
-                    f"{moved / bandwidth:>8.3f} {moved / ours / 1e6:>13.0f}"
-                )
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    print(
-        f"\nall on {LOOPBACK}, {os.cpu_count()} CPU(s), load average {load} (other work skews every row), "
-        f"{time.perf_counter() - started:.0f} s in all; MB/s = 2(n-1)/n * size / time (fp32 bytes, before compression)"
-    )
+    bench = Bench(args)
+    if not args.wan_only:
+        loopback(bench)
+    if not args.no_wan:
+        wan(bench)
+    bench.check_agreement()
+    bench.print_table(started)
+    for failure in bench.failures:
+        print(f"\nFAILED {failure}", file=sys.stderr)
+    sys.exit(1 if bench.failures else 0)
 
 
 if __name__ == "__main__":
