@@ -43,14 +43,19 @@ class Clock:
 
 @dataclass
 class HubTransport:
-    """One peer's GossipTransport in a GossipHub; ``mute`` drops everything it sends."""
+    """One peer's GossipTransport in a GossipHub; ``mute`` drops everything it sends.
+
+    ``mute_after`` mutes it once it sent that many records (it dies mid-way); ``sent`` lists what it sent.
+    """
 
     hub: GossipHub
     own_id: str
     links: set[str] = field(default_factory=set)
     handlers: dict[str, RecordHandler] = field(default_factory=dict)
     mute: bool = False
+    mute_after: int | None = None
     connects: list[str] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def peer_id(self) -> str:
@@ -64,6 +69,8 @@ class HubTransport:
         if peer not in self.links:
             raise LinkError(f"no link from {self.own_id} to {peer}")
         data = self.hub.codec.encode(record)
+        self.mute = self.mute or (self.mute_after is not None and len(self.sent) >= self.mute_after)
+        self.sent.append(dict(record))
         if not self.mute:
             asyncio.get_running_loop().call_soon(self.hub.peers[peer].deliver, self.own_id, data)
 

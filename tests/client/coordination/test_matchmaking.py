@@ -12,9 +12,16 @@ from hivewire.coordination import Group, Matchmaker, MatchmakingSettings, RoundA
 from hivewire.identity import peer_id_from_key
 from hivewire.mesh import ControlRecordError
 from tests.client.coordination._support import GossipHub, HubTransport
-from tests.support import within
+from tests.support import eventually, within
 
-FAST = MatchmakingSettings(group_size=4, connect_timeout_s=0.2, agreement_timeout_s=0.4, max_attempts=3)
+FAST = MatchmakingSettings(
+    group_size=4, connect_timeout_s=0.2, response_timeout_s=0.2, agreement_timeout_s=0.4, max_attempts=3
+)
+# Deadlines far beyond the tests' 10 s bound (tests.support.within): a test that finishes with these settings
+# proves nothing waited for the link or agreement deadline, only for the short response deadline.
+PATIENT = MatchmakingSettings(
+    group_size=8, connect_timeout_s=50.0, response_timeout_s=0.3, agreement_timeout_s=60.0, max_attempts=3
+)
 
 
 def new_peers(count: int) -> list[str]:
@@ -90,7 +97,10 @@ async def test_a_member_with_another_view_is_left_out_of_the_retry() -> None:
 
 async def test_without_agreement_after_max_attempts_the_round_is_abandoned() -> None:
     peers = new_peers(2)
-    hub, matchmakers = swarm(peers, MatchmakingSettings(connect_timeout_s=0.1, agreement_timeout_s=0.2, max_attempts=1))
+    settings = MatchmakingSettings(
+        connect_timeout_s=0.1, response_timeout_s=0.1, agreement_timeout_s=0.2, max_attempts=1
+    )
+    hub, matchmakers = swarm(peers, settings)
     hub.peers[peers[1]].mute = True
     with pytest.raises(RoundAbandoned) as caught:
         await within(matchmakers[peers[0]].matchmake(2, peers), "giving up")
@@ -98,10 +108,10 @@ async def test_without_agreement_after_max_attempts_the_round_is_abandoned() -> 
     assert caught.value.round_id == round_id(2, peers, 0)
 
 
-async def test_an_unreachable_member_counts_as_silent() -> None:
+async def test_an_unreachable_member_is_dropped_without_waiting_for_a_deadline() -> None:
     peers = new_peers(3)
     hub = GossipHub()
-    matchmakers = {peer: Matchmaker(hub.join(peer), FAST) for peer in peers[:2]}
+    matchmakers = {peer: Matchmaker(hub.join(peer), PATIENT) for peer in peers[:2]}
     hub.link(peers[0], peers[1])
     groups = await matchmake_all(matchmakers, 4, {peer: peers for peer in peers[:2]})  # peers[2] is not in the swarm
     assert {group.members for group in groups.values()} == {tuple(peers[:2])}
@@ -115,15 +125,92 @@ async def test_proposals_that_do_not_fit_are_dropped(caplog: pytest.LogCaptureFi
     for members in ([peers[1], peers[2]], [peers[0], peers[2]]):  # not for us; not from a member
         sender.send_control(peers[0], {**proposal, "members": members, "round_id": round_id(1, members, 0)})
     await asyncio.sleep(0.01)
-    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a proposal")]
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a matchmaking record")]
     assert len(refusals) == 2
     assert all("must include the sender and us" in message for message in refusals)
     with pytest.raises(ControlRecordError, match="round_id"):  # a round id that does not hash its members
         sender.send_control(peers[0], {**proposal, "members": sorted(peers[:2]), "round_id": "0" * 32})
 
 
+async def test_a_member_that_goes_silent_mid_matchmaking_is_dropped_at_the_response_deadline() -> None:
+    peers = new_peers(5)
+    hub, matchmakers = swarm(peers, PATIENT)
+    dead, dying = peers[4], peers[3]
+    hub.peers[dead].mute = True  # in every view (its progress record lingers), but its process is gone
+    hub.peers[dying].mute_after = len(peers) - 1  # sends its attempt-0 proposals, then dies
+    alive = peers[:3]
+    dying_task = asyncio.ensure_future(matchmakers[dying].matchmake(6, peers))
+    try:
+        groups = await matchmake_all(matchmakers, 6, {peer: peers for peer in alive})
+    finally:
+        dying_task.cancel()
+        await asyncio.gather(dying_task, return_exceptions=True)
+    assert {group.members for group in groups.values()} == {tuple(alive)}
+    # attempt 0 lost `dead` (silent to all), attempt 1 lost `dying`: the same two steps on every member
+    assert {(group.attempt, group.round_id) for group in groups.values()} == {(2, round_id(6, alive, 2))}
+
+
+async def test_a_member_that_answers_but_starts_late_is_waited_for() -> None:
+    peers = new_peers(3)
+    late = peers[1]
+    _, matchmakers = swarm(peers, MatchmakingSettings(response_timeout_s=0.1, agreement_timeout_s=30.0))
+
+    async def start_late() -> Group:
+        await asyncio.sleep(0.5)  # five response deadlines: its trainer is still finishing a step
+        return await matchmakers[late].matchmake(2, peers)
+
+    on_time = [peer for peer in peers if peer != late]
+    *groups, late_group = await within(
+        asyncio.gather(*(matchmakers[peer].matchmake(2, peers) for peer in on_time), start_late()), "matchmaking"
+    )
+    assert {(group.attempt, group.members) for group in [*groups, late_group]} == {(0, tuple(peers))}
+
+
+async def test_a_late_member_follows_the_others_to_their_attempt_without_proposing_a_lost_one() -> None:
+    peers = new_peers(4)
+    hub, matchmakers = swarm(peers, PATIENT)
+    dead, late = peers[0], peers[3]
+    hub.peers[dead].mute = True
+    early = [peers[1], peers[2]]
+    tasks = [asyncio.ensure_future(matchmakers[peer].matchmake(1, peers)) for peer in early]
+
+    def moved_on() -> bool:
+        return all(any(r["type"] == "match_propose" and r["attempt"] == 1 for r in hub.peers[p].sent) for p in early)
+
+    await eventually(moved_on, "the early members proposing attempt 1")
+    late_group = await within(matchmakers[late].matchmake(1, peers), "the late member's matchmaking")
+    groups = await within(asyncio.gather(*tasks), "the early members' matchmaking")
+    kept = tuple(peer for peer in peers if peer != dead)
+    assert {(group.attempt, group.members) for group in [*groups, late_group]} == {(1, kept)}
+    proposals = [record for record in hub.peers[late].sent if record["type"] == "match_propose"]
+    assert {record["attempt"] for record in proposals} == {1}
+
+
+async def test_a_member_done_with_the_epoch_leaves_a_late_proposer_to_drop_it() -> None:
+    peers = new_peers(3)
+    _, matchmakers = swarm(peers, PATIENT)
+    done = peers[:2]
+    await matchmake_all(matchmakers, 4, {peer: done for peer in done})  # they averaged epoch 4 without peers[2]
+    # No one answers it (the epoch is over for them), so it is left alone at once, not after 60 s.
+    group = await within(matchmakers[peers[2]].matchmake(4, peers), "the latecomer giving up")
+    assert (group.attempt, group.members) == (1, (peers[2],))
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="connect_timeout_s"):
         MatchmakingSettings(connect_timeout_s=30.0, agreement_timeout_s=30.0)
+    with pytest.raises(ValueError, match="response_timeout_s"):
+        MatchmakingSettings(response_timeout_s=0.0)
     with pytest.raises(ValueError, match="group_size"):
         MatchmakingSettings(group_size=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("round_id", "not hex"), ("attempt", 65), ("epoch", -1), ("round_id", "A" * 32)]
+)
+def test_acks_are_checked_like_proposals(field: str, value: object) -> None:
+    codec = GossipHub().codec
+    ack = {"type": "match_ack", "round_id": "0" * 32, "epoch": 1, "attempt": 0}
+    codec.encode(ack)
+    with pytest.raises(ControlRecordError, match=field):
+        codec.encode({**ack, field: value})

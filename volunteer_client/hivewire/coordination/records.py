@@ -5,8 +5,8 @@ does not say who wrote it: the author signs it with its peer key and attaches it
 receiver checks both before believing a number in it. Cheap checks come first (schema, sizes, time), so a
 flood of junk costs no signature check, and a certificate is verified once per peer and then cached.
 
-A matchmaking proposal only ever crosses one direct link between two group members, whose DTLS handshake
-already pinned the sender's certificate; it is not signed.
+A matchmaking proposal (and its acknowledgement) only ever crosses one direct link between two group members,
+whose DTLS handshake already pinned the sender's certificate; it is not signed.
 """
 
 import asyncio
@@ -81,6 +81,13 @@ def _check_proposal(record: Mapping[str, Any]) -> None:
         raise ControlRecordError("match_propose.round_id: not the hash of (epoch, members, attempt)")
 
 
+def _check_ack(record: Mapping[str, Any]) -> None:
+    _in_range(record, "epoch", 0, MAX_EPOCH)
+    _in_range(record, "attempt", 0, MAX_ATTEMPTS)
+    if not _ROUND_ID.fullmatch(record["round_id"]):
+        raise ControlRecordError("match_ack.round_id: expected 32 lowercase hex digits")
+
+
 PROGRESS = RecordSchema(
     "progress",
     {
@@ -99,8 +106,10 @@ PROGRESS = RecordSchema(
 PROPOSAL = RecordSchema(
     "match_propose", {"round_id": str, "epoch": int, "attempt": int, "members": list}, _check_proposal
 )
+# "I am alive and have your proposal": sent by a member that has not proposed this (epoch, attempt) to the sender.
+ACK = RecordSchema("match_ack", {"round_id": str, "epoch": int, "attempt": int}, _check_ack)
 # Register these in the mesh's ControlCodec so links accept them.
-COORDINATION_SCHEMAS = (PROGRESS, PROPOSAL)
+COORDINATION_SCHEMAS = (PROGRESS, PROPOSAL, ACK)
 
 
 def round_id(epoch: int, members: Iterable[str], attempt: int) -> str:
