@@ -31,8 +31,9 @@ def held_out_loss(state: dict[str, torch.Tensor] | None) -> float:
         return sum(recipe.loss(model, next(batches)).item() for _ in range(EVAL_BATCHES)) / EVAL_BATCHES
 
 
-def test_two_volunteers_train_to_identical_models(volunteers: Volunteers) -> None:
-    """Two peers reach max epochs, exit 0, write bit-identical models, and the model learned."""
+def test_two_volunteers_train_to_identical_models(volunteers: Volunteers, http: httpx.Client) -> None:
+    """Two peers reach max epochs, exit 0, write bit-identical models, the model learned, and the server's
+    leaderboard counts every round's samples as verified (co-signed receipts) for both volunteers."""
     args = ("--max-epochs", str(EPOCHS), "--batch-size", "8")
     alice = volunteers.join("alice", *args)
     bob = volunteers.join("bob", *args)
@@ -48,6 +49,18 @@ def test_two_volunteers_train_to_identical_models(volunteers: Volunteers) -> Non
         assert torch.equal(tensor, second[name]), f"{name} differs between the volunteers\n{outputs}"
     before, after = held_out_loss(None), held_out_loss(first)
     assert after < before - 0.5, f"held-out loss {before:.3f} -> {after:.3f}: the model did not learn"
+    response = http.get(f"/api/runs/{SLUG}/leaderboard")
+    assert response.status_code == 200, response.text
+    rows = {row["display_name"]: row for row in response.json()["data"]}
+    assert {"alice", "bob"} <= rows.keys(), rows
+    # Every receipt names both (a first round may run alone while the other starts: it verifies nothing).
+    rounds = rows["alice"]["rounds"]
+    assert rounds >= EPOCHS - 2 and rows["bob"]["rounds"] == rounds, f"{rows}\n{outputs}"
+    for name in ("alice", "bob"):
+        assert 0 < rows[name]["verified_samples"] <= rows[name]["reported_samples"], rows
+    # a dedloc round averages at least the run's target batch; a receipt counts each member's samples once
+    verified = sum(rows[name]["verified_samples"] for name in ("alice", "bob"))
+    assert verified >= rounds * E2E_RUN["target_batch_size"], rows
 
 
 def test_a_late_joiner_downloads_the_state_and_ends_identical(

@@ -2,8 +2,11 @@
 
 The join gives a verified certificate for this machine's key and the run spec; the recipe the spec names
 must be installed (the server never ships code). Networking runs in its own process (session/network.py)
-and this process trains (session/trainer.py). Ctrl-C abandons the round in flight, closes the mesh and
-exits 130; reaching --max-steps/--max-epochs exits 0.
+and this process trains (session/trainer.py), renews the certificate before it expires (session/renewal.py)
+and sends signed progress reports and co-signed round receipts to the server (reporter.py). Ctrl-C abandons
+the round in flight, closes the mesh and exits 130; reaching --max-steps/--max-epochs exits 0. Either way the
+reports are flushed for at most REPORT_FLUSH_TIMEOUT_S; what the server did not take waits on disk and goes
+with the next join of this run.
 """
 
 from __future__ import annotations
@@ -22,14 +25,19 @@ import typer
 
 from hivewire._text import printable
 from hivewire.api import SLUG_PATTERN, HivewireAPI, JoinResponse
-from hivewire.cli._common import open_api, resolve
+from hivewire.cli._common import open_api, resolve, state
+from hivewire.config import private_dir
 from hivewire.errors import CertificateError, ConfigError, InvalidRunURL
 from hivewire.identity import CertificateVerifier, PeerCertificate, PeerIdentity, load_or_create_identity
 from hivewire.recipes import resolve as resolve_recipe
+from hivewire.reporter import Reporter, ReporterConfig
 from hivewire.session.handle import NetworkHandle
 from hivewire.session.messages import NetworkConfig
+from hivewire.session.renewal import CertificateRenewer
 from hivewire.session.trainer import TrainConfig, train
 
+REPORT_FLUSH_TIMEOUT_S = 10.0  # on leave, for the last reports and receipts; the rest waits on disk
+REPORT_REQUEST_TIMEOUT_S = 5.0
 _RUN_PATH = re.compile(rf"^(?P<prefix>.*)/runs/(?P<slug>{SLUG_PATTERN})/?$")
 
 
@@ -144,10 +152,40 @@ def command(
     )
     numel = sum(p.numel() for p in recipe.build_model(0).parameters() if p.requires_grad)
     handle = NetworkHandle(network, numel)
+    renewal_api = open_api(ctx, config, signed_in=True)
+    renewer = CertificateRenewer(
+        renewal_api,
+        run=slug,
+        identity=identity,
+        verifier=CertificateVerifier(renewal_api.server_url, http=renewal_api.http),
+        current=certificate,
+        on_renewed=handle.renewed,
+    )
+    queue_dir = private_dir(config.home / "reports")  # receipts carry the members' certificates
+    reporter = Reporter(
+        renewal_api.server_url,
+        slug,
+        identity,
+        renewer.certificate,
+        ReporterConfig(queue_path=queue_dir / f"{slug}.jsonl", request_timeout_s=REPORT_REQUEST_TIMEOUT_S),
+        device_kind=torch.device(device).type,
+        transport=state(ctx).transport,
+    )
+    renewer.start()
+    reporter.start()
     try:
-        result = train(recipe, spec.strategy, slug, identity.peer_id, handle, options)
+        result = train(recipe, spec.strategy, slug, identity.peer_id, handle, options, reporter)
     finally:
         handle.leave()
+        while handle.receipts:  # the last rounds', co-signed while the network process left
+            reporter.receipt(handle.receipts.popleft().body)
+        flushed = reporter.close(REPORT_FLUSH_TIMEOUT_S)
+        renewer.close()
+    waiting = flushed.pending + flushed.receipts_pending
+    typer.echo(
+        f"Reports: {reporter.reports_delivered} progress reports and {reporter.receipts_delivered} round receipts "
+        "delivered" + (f", {waiting} waiting for the server (sent on the next join)" if waiting else "")
+    )
     losses = f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}" if result.losses else "no epoch completed"
     typer.echo(f"Left run {slug} at epoch {result.epoch} after {result.steps} steps ({losses}). Goodbye.")
     if result.checkpoint is not None:

@@ -3,13 +3,15 @@
 The strategies take a synchronous `average(tensors, weight)`; `NetworkHandle.average` is one: it flattens
 the tensors into the shared buffer, asks the network process for the epoch's round, blocks until the answer,
 and hands back views of the buffer shaped like the input. Everything else the network says (views of the
-run, a downloaded state) waits in `pending` until the training loop polls for it between micro-batches.
+run, a downloaded state, a co-signed round receipt) waits until the training loop polls for it between
+micro-batches. Sends are locked: the certificate renewer (another thread) hands over renewed certificates.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
 from collections import deque
 
@@ -23,6 +25,8 @@ from hivewire.session.messages import (
     Leave,
     Left,
     NetworkConfig,
+    Receipt,
+    Renewed,
     Report,
     Snapshot,
     Started,
@@ -34,7 +38,7 @@ from hivewire.session.network import run_network
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # mesh start plus a late joiner's state download
-LEAVE_TIMEOUT_S = 15.0  # for the network process to close the mesh and exit; then it is terminated
+LEAVE_TIMEOUT_S = 25.0  # to co-sign the last receipts (10 s), drain (5 s), close the mesh and exit; then terminated
 ROUND_TIMEOUT_S = 300.0  # matchmaking (3 x 30 s) plus the butterfly's deadlines (30 + 30 s), with margin
 
 
@@ -63,7 +67,13 @@ class NetworkHandle:
         child.close()
         self.view: View | None = None
         self.pending: deque[StateBlob] = deque()
+        self.receipts: deque[Receipt] = deque()  # co-signed, for the reporter to upload
         self.last_round: Averaged | None = None
+        self._send_lock = threading.Lock()  # the Pipe's send is not thread-safe
+
+    def _send(self, message: object) -> None:
+        with self._send_lock:
+            self._conn.send(message)
 
     def wait_started(self) -> StateBlob | None:
         """Block until the mesh is up and the initial state decided (a download for a late joiner)."""
@@ -72,10 +82,17 @@ class NetworkHandle:
         return message.state
 
     def report(self, epoch: int, samples: int, samples_per_second: float, param_hash: str | None = None) -> None:
-        self._conn.send(Report(epoch, samples, samples_per_second, param_hash))
+        self._send(Report(epoch, samples, samples_per_second, param_hash))
 
     def snapshot(self, epoch: int, blob: bytes, param_hash: str) -> None:
-        self._conn.send(Snapshot(epoch, blob, param_hash))
+        self._send(Snapshot(epoch, blob, param_hash))
+
+    def renewed(self, certificate: str) -> None:
+        """Hand a renewed certificate to the network process (called from the renewer's thread)."""
+        try:
+            self._send(Renewed(certificate))
+        except (OSError, EOFError, ValueError) as exc:  # gone or closed: it will not need one any more
+            logger.info("could not hand the renewed certificate to the network process: %s", exc)
 
     def poll(self) -> None:
         """Take in whatever the network process said since the last poll, without blocking."""
@@ -86,7 +103,7 @@ class NetworkHandle:
         """The group's weighted mean of ``tensors`` for the round of ``epoch``; RoundSkipped without a round."""
         flat = torch.cat([tensor.detach().reshape(-1).to("cpu", torch.float32) for tensor in tensors])
         self.buffer.copy_(flat)
-        self._conn.send(Average(epoch, weight))
+        self._send(Average(epoch, weight))
         answer = self._receive(ROUND_TIMEOUT_S, Averaged, f"to average epoch {epoch}")
         assert isinstance(answer, Averaged)
         self.last_round = answer
@@ -100,12 +117,17 @@ class NetworkHandle:
         return out
 
     def leave(self) -> None:
-        """Ask the network process to leave the run and wait for it; terminate it if it lingers."""
+        """Ask the network process to leave the run and wait for it; terminate it if it lingers.
+
+        Receipts it co-signs meanwhile (the last rounds') are kept in `receipts` for the reporter."""
         try:
-            self._conn.send(Leave())
+            self._send(Leave())
             deadline = time.monotonic() + LEAVE_TIMEOUT_S
             while self._conn.poll(max(0.0, deadline - time.monotonic())):
-                if isinstance(self._conn.recv(), Left | Failed):
+                message = self._conn.recv()
+                if isinstance(message, Receipt):
+                    self.receipts.append(message)
+                elif isinstance(message, Left | Failed):
                     break
         except (OSError, EOFError):
             pass  # it is gone already
@@ -146,5 +168,7 @@ class NetworkHandle:
             self.view = message
         elif isinstance(message, StateBlob):
             self.pending.append(message)
+        elif isinstance(message, Receipt):
+            self.receipts.append(message)
         else:
             logger.warning("unexpected message from the network process: %s", type(message).__name__)

@@ -63,6 +63,13 @@ class Average:
 
 
 @dataclass(frozen=True)
+class Renewed:
+    """The trainer renewed our certificate: sign offers, progress and receipts with this one from now on."""
+
+    certificate: str  # the JWT, verified by the trainer for our key and run
+
+
+@dataclass(frozen=True)
 class Leave:
     """Abandon any round, close the mesh, say goodbye, exit."""
 
@@ -80,7 +87,7 @@ class View:
     target_batch_size: int
     samples_per_second: float  # of every peer at ``epoch``
     num_peers: int  # live peers, ourselves included
-    links: dict[str, int] = field(default_factory=dict)  # link kind (host, reflexive, relay) -> count
+    links: dict[str, int] = field(default_factory=dict)  # link kind (host, reflexive, relay, direct) -> count
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,15 @@ class Averaged:
     excluded: dict[str, str]  # member -> why
     averaged_fraction: float
     detail: str = ""
+    round_id: str = ""  # the round's receipt id (session/receipts.py), "" when no round ran
+    weight: float = 0.0  # the samples we averaged with; our own line of the round's receipt
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A round receipt every member signed, ready for `POST /api/runs/{run}/receipts` (protocol.md)."""
+
+    body: dict[str, Any]
 
 
 @dataclass(frozen=True)

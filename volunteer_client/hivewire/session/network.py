@@ -22,7 +22,7 @@ import logging
 import math
 import signal
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -48,12 +48,15 @@ from hivewire.session.messages import (
     Leave,
     Left,
     NetworkConfig,
+    Receipt,
+    Renewed,
     Report,
     Snapshot,
     Started,
     StateBlob,
     View,
 )
+from hivewire.session.receipts import RECEIPT_SCHEMAS, RECEIPT_TIMEOUT_S, ReceiptExchange
 from hivewire.session.state import STATE_SCHEMAS, StateExchange
 from hivewire.signaling import DescriptionVerifier, SignalingClient
 
@@ -94,7 +97,10 @@ def _rank(peer: str) -> int:
 
 
 def link_kind(link: Link) -> str:
-    """host, reflexive or relay: the candidate types of the pair ICE nominated (aioice internals, best effort)."""
+    """direct (mutual-TLS TCP bulk path), else host, reflexive or relay: the candidate types of the pair ICE
+    nominated (aioice internals, best effort)."""
+    if getattr(link, "path", None) == "direct-tls":
+        return "direct"
     try:
         sctp: Any = link._pc.sctp  # None until negotiated: the AttributeError below covers it
         connection = sctp.transport.transport._connection  # RTCIceTransport's aioice Connection
@@ -119,6 +125,8 @@ class NetworkSide:
         self._bulk = asyncio.Lock()  # one reader of the bulk channels at a time: a round or a download
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_epoch = 0  # the epoch the trainer is about to report, once a round finished
+        self._certificate = config.certificate  # replaced when the trainer renews it
+        self._receipt_tasks: set[asyncio.Task[None]] = set()  # co-signing; awaited (bounded) before leaving
 
     async def run(self) -> None:
         config = self.config
@@ -127,14 +135,17 @@ class NetworkSide:
         identity = load_or_create_identity(config.key_path)
         self.me = identity.peer_id
         certificates = CertificateVerifier(config.server)
-        certificate = lambda: config.certificate  # noqa: E731  (renewal is not implemented yet)
+
+        def certificate() -> str:
+            return self._certificate
+
         self.mesh = Mesh(
             identity,
             certificate,
             DescriptionVerifier(certificates, run=config.run, self_peer_id=identity.peer_id),
             ice_servers=config.ice_servers,
             signaling=SignalingClient(config.signaling_url, certificate),
-            schemas=(*COORDINATION_SCHEMAS, *STATE_SCHEMAS),
+            schemas=(*COORDINATION_SCHEMAS, *STATE_SCHEMAS, *RECEIPT_SCHEMAS),
         )
         self.tracker = ProgressTracker(
             identity,
@@ -146,6 +157,7 @@ class NetworkSide:
         )
         self.matchmaker = Matchmaker(self.mesh, MatchmakingSettings(group_size=config.group_size))
         self.states = StateExchange(self.mesh)
+        self.receipts = ReceiptExchange(self.mesh, identity, certificate, certificates, run=config.run)
         loop = asyncio.get_running_loop()
         loop.add_reader(self._conn.fileno(), self._read_pipe)
         try:
@@ -163,9 +175,11 @@ class NetworkSide:
             await self._send(Failed(f"{type(exc).__name__}: {exc}", "This is a bug; please report it with the log."))
         finally:
             loop.remove_reader(self._conn.fileno())
-            for task in list(self._tasks):
+            if self._receipt_tasks:  # the last rounds' receipts: their members are leaving too, so it is short
+                await asyncio.wait(self._receipt_tasks, timeout=RECEIPT_TIMEOUT_S)
+            for task in [*self._tasks, *self._receipt_tasks]:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, *self._receipt_tasks, return_exceptions=True)
             await self._linger()
             await self.tracker.close()
             await self.states.close()
@@ -211,6 +225,9 @@ class NetworkSide:
                 )
             elif isinstance(message, Snapshot):
                 self.states.offer(message.epoch, message.blob)
+            elif isinstance(message, Renewed):
+                self._certificate = message.certificate  # signaling, offers, gossip and receipts read it anew
+                logger.info("using the renewed certificate from now on")
             elif isinstance(message, Average):
                 self._spawn(self._average(message), f"round-{message.epoch}")
             elif isinstance(message, Leave):
@@ -250,6 +267,7 @@ class NetworkSide:
                 await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, group))
                 return
             links = {m: link for m in group.members if m != self.me and (link := self.mesh.link(m)) is not None}
+            rid = self.receipts.expect(group.round_id)  # members that finish first send claims at once
             result, report = await butterfly_allreduce(
                 self._buffer,
                 me=self.me,
@@ -262,7 +280,34 @@ class NetworkSide:
             self._buffer.copy_(result)
             self._next_epoch = request.epoch + 1
             excluded = {peer: f"{why.cause}: {why.detail}" for peer, why in report.excluded.items()}
-            await self._send(Averaged(request.epoch, True, group.members, excluded, report.averaged_fraction))
+            await self._send(
+                Averaged(
+                    request.epoch,
+                    True,
+                    group.members,
+                    excluded,
+                    report.averaged_fraction,
+                    round_id=rid,
+                    weight=request.weight,
+                )
+            )
+            members = tuple(member for member in group.members if member not in report.excluded)
+            work = self.receipts.cosign(
+                rid, epoch=request.epoch, members=members, samples=round(request.weight), report=report
+            )
+            task = asyncio.get_running_loop().create_task(self._deliver_receipt(work), name=f"hivewire-receipt-{rid}")
+            self._receipt_tasks.add(task)
+            task.add_done_callback(self._receipt_tasks.discard)
+
+    async def _deliver_receipt(self, work: Coroutine[Any, Any, dict[str, Any] | None]) -> None:
+        """Co-sign the round's receipt beside training, and hand it to the trainer (which uploads it)."""
+        try:
+            body = await work
+        except Exception:  # a bug here must not take the session down: the round itself is done
+            logger.exception("co-signing a round receipt failed")
+            return
+        if body is not None:
+            await self._send(Receipt(body))
 
     async def _matchmake(self, epoch: int, peers: tuple[str, ...]) -> Group | str:
         """The agreed group, or why there is none; gives up as soon as the run moves past ``epoch``.

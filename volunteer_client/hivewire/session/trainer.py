@@ -1,9 +1,10 @@
 """The training loop of `hivewire join`: nanoGPT's shape, with the averaging round behind the strategy's step.
 
-Reads top to bottom: take in what the network said (the run's view, a downloaded state), one micro-batch
-forward and backward, report progress, and at the epoch boundary (the run reached its target batch, by the
-gossiped view) the strategy's step, which averages through the network process. dedloc steps only at
-boundaries; diloco steps every micro-batch and averages every `inner_steps`.
+Reads top to bottom: take in what the network said (the run's view, a downloaded state, co-signed round
+receipts for the reporter), one micro-batch forward and backward, report progress, and at the epoch boundary
+(the run reached its target batch, by the gossiped view) the strategy's step, which averages through the
+network process. dedloc steps only at boundaries; diloco steps every micro-batch and averages every
+`inner_steps`. After each epoch a signed progress report goes to the server's queue (reporter.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 
 from hivewire.optim import Dedloc, Diloco, Strategy, StrategyError, parameter_hash
 from hivewire.recipes import Recipe, shard_seed
+from hivewire.reporter import LinkTypes, Reporter
 from hivewire.session.handle import NetworkHandle, RoundSkipped
-from hivewire.session.messages import StateBlob
+from hivewire.session.messages import StateBlob, View
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +121,57 @@ class ProgressLine:
             self._stream.flush()
 
 
+class ServerReports:
+    """The trainer's side of reporting: per-epoch progress reports and the network's receipts, to the queue.
+
+    Reports count the samples processed since the previous one, so every sample is reported exactly once."""
+
+    def __init__(self, reporter: Reporter | None) -> None:
+        self._reporter = reporter
+        self._reported = 0
+
+    def progress(self, epoch: int, samples_seen: int, losses: list[float], rate: float, view: View | None) -> None:
+        if self._reporter is None or samples_seen <= self._reported or not losses:
+            return
+        links = view.links if view is not None else {}
+        kinds = LinkTypes(
+            host=links.get("host", 0),
+            srflx=links.get("reflexive", 0),
+            relay=links.get("relay", 0),
+            direct_tls=links.get("direct", 0),
+        )
+        loss = sum(losses) / len(losses)
+        try:
+            self._reporter.report(
+                epoch=epoch, samples=samples_seen - self._reported, loss=loss, samples_per_second=rate, link_types=kinds
+            )
+        except ValueError as exc:  # a NaN loss: the server would refuse it; the samples go with the next report
+            logger.warning("epoch %d: no progress report: %s", epoch, exc)
+            return
+        self._reported = samples_seen
+
+    def receipts(self, network: NetworkHandle) -> None:
+        while network.receipts:
+            receipt = network.receipts.popleft()
+            if self._reporter is not None:
+                self._reporter.receipt(receipt.body)
+
+
 def train(
-    recipe: Recipe, strategy_name: str, run: str, peer_id: str, network: NetworkHandle, config: TrainConfig
+    recipe: Recipe,
+    strategy_name: str,
+    run: str,
+    peer_id: str,
+    network: NetworkHandle,
+    config: TrainConfig,
+    reporter: Reporter | None = None,
 ) -> TrainResult:
     """Train until max steps/epochs or Ctrl-C; the caller leaves the run and closes the network afterwards."""
     strategy: Strategy = build_strategy(
         strategy_name, recipe, run, lambda tensors, weight: network.average(strategy.epoch, tensors, weight)
     )
     strategy.model.to(config.device)
-    result, line = TrainResult(), ProgressLine()
+    result, line, reports = TrainResult(), ProgressLine(), ServerReports(reporter)
     state = network.wait_started()
     if state is not None and load_state(strategy, state):
         line.note(f"Downloaded the run's state at epoch {state.epoch} from {state.donor}")
@@ -136,11 +180,12 @@ def train(
     network.report(strategy.epoch, 0, 0.0, digest)
     epoch_losses: list[float] = []
     batches = recipe.batches(shard_seed(peer_id), config.batch_size, config.device)
-    started, samples_seen = time.monotonic(), 0
+    started, samples_seen, rate = time.monotonic(), 0, 0.0
     try:
         while not _done(result, strategy, config):
             # what the network said since the last micro-batch: the run's view, a state to catch up with
             network.poll()
+            reports.receipts(network)
             while network.pending:
                 state = network.pending.popleft()
                 if load_state(strategy, state):
@@ -170,6 +215,7 @@ def train(
                     network.view = None  # retry only on a view newer than the round's answer
             if strategy.epoch != epoch:
                 result.losses.append(sum(epoch_losses) / len(epoch_losses))
+                reports.progress(epoch, samples_seen, epoch_losses, rate, network.view)
                 epoch_losses.clear()
                 digest = _after_round(strategy, network, rate)
             line.update(
@@ -179,6 +225,7 @@ def train(
         result.interrupted = True
     finally:
         line.close()
+    reports.progress(strategy.epoch, samples_seen, epoch_losses, rate, network.view)  # the unfinished epoch's work
     result.epoch = strategy.epoch
     if result.losses:
         result.first_loss, result.last_loss = result.losses[0], result.losses[-1]
