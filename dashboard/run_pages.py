@@ -19,7 +19,15 @@ from hivewire_server.dashboard import overview
 from hivewire_server.dashboard.web import check_csrf, error_page, render, to_login
 from hivewire_server.errors import Conflict, DomainError
 from hivewire_server.models import Membership, Run, User
-from hivewire_server.schemas import Compression, JoinPolicy, RunCreate, RunUpdate, Strategy, Visibility
+from hivewire_server.schemas import (
+    Compression,
+    JoinPolicy,
+    RunCreate,
+    RunStatus,
+    RunUpdate,
+    Strategy,
+    Visibility,
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -35,12 +43,16 @@ RUN_FIELDS = (
     "compression",
     "visibility",
     "join_policy",
+    "max_peers",
 )
+# A run is created open; only the edit form can close it.
+EDIT_FIELDS = (*RUN_FIELDS, "status")
 CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": get_args(Strategy),
     "compression": get_args(Compression),
     "visibility": get_args(Visibility),
     "join_policy": get_args(JoinPolicy),
+    "status": get_args(RunStatus),
 }
 # Pydantic's own words for a pattern mismatch quote the regular expression; people need the rule instead.
 PATTERN_HINTS = {
@@ -48,7 +60,7 @@ PATTERN_HINTS = {
     "recipe": "a recipe name: lowercase letters, digits, '.', '_' and '-' (for example tiny-lm)",
     "recipe_version": "letters, digits and . _ + - only (for example 1 or 2.0)",
 }
-NEW_RUN = {"recipe_version": "1", "strategy": "dedloc", "group_size": "16", "compression": "none"}
+NEW_RUN = {"recipe_version": "1", "strategy": "dedloc", "group_size": "16", "compression": "none", "max_peers": "0"}
 
 
 def _field_errors(exc: ValidationError) -> dict[str, str]:
@@ -65,10 +77,10 @@ def _field_errors(exc: ValidationError) -> dict[str, str]:
     return errors
 
 
-async def _run_form(request: Request) -> tuple[dict[str, str], str]:
+async def _run_form(request: Request, fields: tuple[str, ...]) -> tuple[dict[str, str], str]:
     """The submitted run fields (blank ones left out, so a required blank reads as missing) and the CSRF token."""
     form = await request.form()
-    values = {field: str(form.get(field, "")).strip() for field in RUN_FIELDS}
+    values = {field: str(form.get(field, "")).strip() for field in fields}
     return values, str(form.get("csrf", ""))
 
 
@@ -108,6 +120,8 @@ async def join_page(
     refusal = ""
     if membership is not None and membership.banned_at is not None:
         refusal = "You are banned from this run" + (f": {membership.ban_reason}" if membership.ban_reason else ".")
+    elif run.status == "closed":
+        refusal = "This run is closed: its organizer stopped taking volunteers."
     elif run.join_policy == "allowlist" and not (membership and membership.allowed) and run.owner_id != user.id:
         refusal = "This run admits only invited volunteers; ask its organizer to add you."
     # The wheel this server serves, when it serves one (client_wheels.py); else the package index.
@@ -135,7 +149,7 @@ async def new_run_page(request: Request, user: OptionalUser) -> Response:
 async def create_run_form(request: Request, user: OptionalUser, session: SessionDep) -> Response:
     if user is None:
         return to_login(request)
-    values, csrf = await _run_form(request)
+    values, csrf = await _run_form(request, RUN_FIELDS)
     check_csrf(request, csrf)
     errors: dict[str, str] = {}
     try:
@@ -168,7 +182,7 @@ async def edit_run_page(slug: str, request: Request, user: OptionalUser, session
         run = await _organized_run(user, session, slug)
     except DomainError as exc:
         return error_page(request, user, exc)
-    values = {field: getattr(run, field) for field in RUN_FIELDS}
+    values = {field: getattr(run, field) for field in EDIT_FIELDS}
     return _form_page(request, user, run=run, values=values, errors={})
 
 
@@ -176,7 +190,7 @@ async def edit_run_page(slug: str, request: Request, user: OptionalUser, session
 async def update_run_form(slug: str, request: Request, user: OptionalUser, session: SessionDep) -> Response:
     if user is None:
         return to_login(request)
-    values, csrf = await _run_form(request)
+    values, csrf = await _run_form(request, EDIT_FIELDS)
     check_csrf(request, csrf)
     try:
         run = await _organized_run(user, session, slug)

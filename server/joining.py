@@ -13,7 +13,7 @@ from hivewire_server.core.security import b64url_decode, peer_id_from_key
 from hivewire_server.core.timeutil import utcnow
 from hivewire_server.errors import Conflict, Forbidden, InvalidInput, Unauthenticated
 from hivewire_server.models import Peer, Run, User
-from hivewire_server.runs import admit
+from hivewire_server.runs import admit, check_capacity
 from hivewire_server.schemas import JoinResponse, RunSpec
 from hivewire_server.turn import ice_servers
 
@@ -66,6 +66,7 @@ async def _issue(session: AsyncSession, *, settings: Settings, run: Run, user: U
 async def join(session: AsyncSession, *, settings: Settings, run: Run, user: User, peer_key: str) -> JoinResponse:
     peer_id = peer_id_from_key(parse_peer_key(peer_key))
     await admit(session, run=run, user=user)
+    await check_capacity(session, run=run, peer_id=peer_id, live_seconds=settings.peer_live_seconds)
     peer = await session.scalar(select(Peer).where(Peer.run_id == run.id, Peer.peer_id == peer_id))
     if peer is None:
         peer = Peer(

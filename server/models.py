@@ -111,6 +111,10 @@ class Run(Base):
     compression: Mapped[str] = mapped_column(String(16))
     visibility: Mapped[str] = mapped_column(String(16))
     join_policy: Mapped[str] = mapped_column(String(16))
+    # Most peers live at once (seen within PEER_LIVE_SECONDS); 0: no limit. A join past it: 409 run_full.
+    max_peers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # open | closed: a closed run admits no joins and renews no certificates (403 run_closed).
+    status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
+from datetime import timedelta
+
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hivewire_server.core.timeutil import utcnow
 from hivewire_server.errors import Banned, Conflict, Forbidden, InvalidInput, NotFound
-from hivewire_server.models import Membership, Run, User
+from hivewire_server.models import Membership, Peer, Run, User
 from hivewire_server.schemas import RunCreate, RunUpdate
 
 
@@ -106,10 +108,12 @@ async def list_members(session: AsyncSession, *, organizer: User, run: Run) -> l
 
 
 async def admit(session: AsyncSession, *, run: Run, user: User) -> Membership:
-    """Checks that the user may take part (not banned, allowlisted where needed) and records the join."""
+    """Checks that the user may take part (not banned, run open, allowlisted where needed) and records the join."""
     membership = await _membership(session, run, user.id)
     if membership is not None and membership.banned_at is not None:
         raise Banned(f"you are banned from run {run.slug!r}", code="banned")
+    if run.status == "closed":
+        raise Forbidden(f"run {run.slug!r} is closed: its organizer stopped taking volunteers", code="run_closed")
     if run.join_policy == "allowlist" and not (membership and membership.allowed) and run.owner_id != user.id:
         raise Forbidden(f"run {run.slug!r} admits only invited volunteers; ask its organizer", code="not_allowed")
     if membership is None:
@@ -119,3 +123,26 @@ async def admit(session: AsyncSession, *, run: Run, user: User) -> Membership:
         membership.joined_at = utcnow()
     await session.flush()
     return membership
+
+
+async def check_capacity(session: AsyncSession, *, run: Run, peer_id: str, live_seconds: int) -> None:
+    """Refuses a peer that would make more than `run.max_peers` live at once; a live peer joining again passes.
+
+    Live means seen within `live_seconds` (join, renewal or signaling heartbeat), as for initial peers. Two
+    joins racing for the last place may both pass: the limit bounds load, it is not a reservation.
+    """
+    if run.max_peers == 0:
+        return
+    live = await session.scalar(
+        select(func.count())
+        .select_from(Peer)
+        .where(
+            Peer.run_id == run.id,
+            Peer.peer_id != peer_id,
+            Peer.last_seen_at >= utcnow() - timedelta(seconds=live_seconds),
+        )
+    )
+    if (live or 0) >= run.max_peers:
+        raise Conflict(
+            f"run {run.slug!r} is full: {run.max_peers} peers are training, its organizer's limit", code="run_full"
+        )

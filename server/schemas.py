@@ -13,6 +13,8 @@ Strategy = Literal["dedloc", "diloco"]
 Compression = Literal["none", "fp16", "int8"]
 Visibility = Literal["public", "private"]
 JoinPolicy = Literal["open", "allowlist"]
+RunStatus = Literal["open", "closed"]
+MAX_PEERS_LIMIT = 100_000
 
 
 class Strict(BaseModel):
@@ -103,6 +105,7 @@ class RunFields(Strict):
     compression: Compression = "none"
     visibility: Visibility = "public"
     join_policy: JoinPolicy = "open"
+    max_peers: int = Field(default=0, ge=0, le=MAX_PEERS_LIMIT)  # live peers at once; 0: no limit
 
 
 class RunCreate(RunFields):
@@ -120,6 +123,8 @@ class RunUpdate(Strict):
     compression: Compression | None = None
     visibility: Visibility | None = None
     join_policy: JoinPolicy | None = None
+    max_peers: int | None = Field(default=None, ge=0, le=MAX_PEERS_LIMIT)
+    status: RunStatus | None = None  # closed: no more joins or certificate renewals
 
 
 class RunSpec(BaseModel):
@@ -138,6 +143,8 @@ class RunSpec(BaseModel):
     compression: Compression
     visibility: Visibility
     join_policy: JoinPolicy
+    max_peers: int
+    status: RunStatus
 
 
 class RunsPublic(BaseModel):

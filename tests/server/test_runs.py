@@ -7,11 +7,18 @@ from tests.conftest import RUN, Account
 
 
 def test_organizer_creates_a_run_with_every_field(client: TestClient, organizer: Account) -> None:
-    spec = {**RUN, "slug": "full", "recipe_version": "2.1", "visibility": "public", "join_policy": "open"}
+    spec = {
+        **RUN,
+        "slug": "full",
+        "recipe_version": "2.1",
+        "visibility": "public",
+        "join_policy": "open",
+        "max_peers": 12,
+    }
     response = client.post("/api/runs", json=spec, headers=organizer.headers)
     assert response.status_code == 201
-    assert response.json() == spec
-    assert client.get("/api/runs/full").json() == spec
+    assert response.json() == {**spec, "status": "open"}
+    assert client.get("/api/runs/full").json() == {**spec, "status": "open"}
 
 
 def test_defaults_fill_optional_fields(client: TestClient, organizer: Account) -> None:
@@ -22,6 +29,7 @@ def test_defaults_fill_optional_fields(client: TestClient, organizer: Account) -
     assert body["visibility"] == "public"
     assert body["join_policy"] == "open"
     assert body["recipe_version"] == "1"
+    assert (body["max_peers"], body["status"]) == (0, "open")
 
 
 def test_volunteers_cannot_create_runs(client: TestClient, volunteer: Account) -> None:
