@@ -56,6 +56,9 @@ def test_sends_the_bearer_token_and_parses_json() -> None:
         (401, {"detail": "token revoked", "code": "unauthorized"}, errors.AuthenticationFailed),
         (403, {"detail": "not on the allowlist", "code": "forbidden"}, errors.Forbidden),
         (403, {"detail": "banned", "code": "banned"}, errors.Banned),
+        (403, {"detail": "closed", "code": "run_closed"}, errors.RunClosed),
+        (409, {"detail": "full", "code": "run_full"}, errors.RunFull),
+        (400, {"detail": "full?", "code": "run_full"}, errors.RequestRejected),  # the code counts with its status
         (404, {"detail": "no such run", "code": "not_found"}, errors.NotFound),
         (409, {"detail": "conflict", "code": "conflict"}, errors.RequestRejected),
         (413, {"detail": "too large", "code": "too_large"}, errors.RequestRejected),

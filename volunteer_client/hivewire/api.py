@@ -26,6 +26,8 @@ from hivewire.errors import (
     OAuthError,
     RateLimited,
     RequestRejected,
+    RunClosed,
+    RunFull,
     ServerError,
     ServerUnreachable,
 )
@@ -235,8 +237,10 @@ class HivewireAPI:
                 raise NotSignedIn(f"{self.server_url} asks to sign in first")
             raise AuthenticationFailed(f"{self.server_url} did not accept the stored token", status=status, code=code)
         if status == 403:
-            kind = Banned if code == "banned" else Forbidden
+            kind = {"banned": Banned, "run_closed": RunClosed}.get(code or "", Forbidden)
             raise kind(message, status=status, code=code)
+        if status == 409 and code == "run_full":
+            raise RunFull(message, status=status, code=code)
         if status == 404:
             raise NotFound(message, status=status, code=code)
         if status == 429:

@@ -6,6 +6,7 @@
     ├── IdentityError             the peer key file cannot be read, written or parsed
     ├── NotSignedIn               no API token is stored for this server (client side, before any request)
     ├── LoginFailed               the device login was denied, expired or refused
+    ├── DeviceUnavailable         the torch device asked for (--device cuda, mps, ...) cannot train here
     ├── CertificateError          a peer certificate (JWT) failed verification; `reason` says which check
     ├── ServerUnreachable         no HTTP exchange happened: DNS, connection, TLS or timeout
     ├── InvalidResponse           the server answered something that breaks docs/protocol.md
@@ -14,7 +15,9 @@
         ├── RequestRejected       400, 409, 413, 422: the request itself was refused
         ├── AuthenticationFailed  401: the stored token is unknown, revoked or expired
         ├── Forbidden             403: signed in, but not allowed (private run, allowlist)
-        │   └── Banned            403 with code "banned": the organizer banned this account
+        │   ├── Banned            403 with code "banned": the organizer banned this account
+        │   └── RunClosed         403 with code "run_closed": the organizer stopped taking volunteers
+        ├── RunFull               409 with code "run_full": as many peers train as the organizer allows
         ├── NotFound              404: no such run or resource
         ├── RateLimited           429: too many requests; `retry_after_s` when the server said
         └── ServerError           5xx: the server failed
@@ -30,6 +33,7 @@ __all__ = [
     "Banned",
     "CertificateError",
     "ConfigError",
+    "DeviceUnavailable",
     "Forbidden",
     "HivewireError",
     "IdentityError",
@@ -41,6 +45,8 @@ __all__ = [
     "OAuthError",
     "RateLimited",
     "RequestRejected",
+    "RunClosed",
+    "RunFull",
     "ServerError",
     "ServerUnreachable",
 ]
@@ -77,12 +83,27 @@ class LoginFailed(HivewireError):
     advice = "Run `hivewire login <server url>` again and approve the code in your browser within 10 minutes."
 
 
+class DeviceUnavailable(HivewireError):
+    advice = "Leave out --device to train on the CPU, or install the PyTorch build for your GPU (pytorch.org)."
+
+
+# For a PyTorch built without CUDA, the GPU is not the problem: the install is.
+NO_CUDA_BUILD_ADVICE = "Install a CUDA build of PyTorch (pytorch.org), or leave out --device to train on the CPU."
+
+
+# A fresh certificate that reads as expired, or as issued in the future, means this computer's clock is wrong.
+CLOCK_ADVICE = "Set this computer's clock to the right time (it is off by a minute or more), then try again."
+_CLOCK_REASONS = ("expired", "issued in the future")
+
+
 class CertificateError(HivewireError):
     """A certificate failed one named check; `reason` is that check, for logs and tests."""
 
     advice = "Run `hivewire join` again; if it fails again, the server or a peer is misconfigured."
 
     def __init__(self, reason: str, *, advice: str | None = None) -> None:
+        if advice is None and reason in _CLOCK_REASONS:
+            advice = CLOCK_ADVICE
         super().__init__(f"invalid peer certificate: {reason}", advice=advice)
         self.reason = reason
 
@@ -131,6 +152,14 @@ class Forbidden(APIError):
 
 class Banned(Forbidden):
     advice = "The organizer banned this account from the run; contact them if you think this is a mistake."
+
+
+class RunClosed(Forbidden):
+    advice = "The organizer closed this run to new volunteers; find another with `hivewire runs`."
+
+
+class RunFull(APIError):
+    advice = "The run has as many volunteers as its organizer allows; try again later."
 
 
 class NotFound(APIError):

@@ -15,7 +15,7 @@ import typer
 
 from hivewire.api import HivewireAPI
 from hivewire.config import ClientConfig, load_config
-from hivewire.errors import HivewireError, NotSignedIn
+from hivewire.errors import NO_CUDA_BUILD_ADVICE, DeviceUnavailable, HivewireError, NotSignedIn
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,12 +53,49 @@ def open_api(ctx: typer.Context, config: ClientConfig, *, signed_in: bool = Fals
     return HivewireAPI(config.server, config.token, transport=state(ctx).transport, timeout_s=config.timeout_s)
 
 
+def check_device(spec: str) -> None:
+    """Refuse a torch device this computer cannot train on, before the command joins or starts anything.
+
+    Without this, `--device cuda` on a machine without a usable GPU fails deep in the trainer, after the join.
+    """
+    import torch  # only commands with a --device option get here; the others need not import it
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise DeviceUnavailable(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, mps): {exc}") from exc
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise DeviceUnavailable(
+                f"--device {spec}: this PyTorch {torch.__version__} was built without CUDA",
+                advice=NO_CUDA_BUILD_ADVICE,
+            )
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"--device {spec}: PyTorch finds no usable NVIDIA GPU or driver here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise DeviceUnavailable(f"--device {spec}: this computer has {count} GPU(s), numbered from 0")
+    try:
+        torch.empty(1, device=device)  # the same first step training takes on it
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for backends it was built without
+        raise DeviceUnavailable(f"--device {spec}: {exc}") from exc
+
+
 def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn a `HivewireError` into its message and advice on stderr and exit status 1, without traceback."""
+    """Turn a `HivewireError` into its message and advice on stderr and exit status 1, without traceback.
+
+    A command with a `device` option has it checked first (`check_device`), so no command starts work on a
+    device that cannot train.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            device = kwargs.get("device")
+            if isinstance(device, str):
+                check_device(device)
             return command(*args, **kwargs)
         except HivewireError as exc:
             logging.getLogger("hivewire.cli").debug("command failed", exc_info=True)
