@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from hivewire.coordination import COORDINATION_SCHEMAS, RecordHandler
@@ -46,6 +47,7 @@ class HubTransport:
     """One peer's GossipTransport in a GossipHub; ``mute`` drops everything it sends.
 
     ``mute_after`` mutes it once it sent that many records (it dies mid-way); ``sent`` lists what it sent.
+    ``throughputs`` are what ``link(peer).throughput`` reports, as a mesh Link measures its recent bytes/s.
     """
 
     hub: GossipHub
@@ -56,6 +58,7 @@ class HubTransport:
     mute_after: int | None = None
     connects: list[str] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
+    throughputs: dict[str, float] = field(default_factory=dict)
 
     @property
     def peer_id(self) -> str:
@@ -77,6 +80,11 @@ class HubTransport:
     def on_records(self, types: Collection[str], handler: RecordHandler) -> None:
         for kind in types:
             self.handlers[kind] = handler
+
+    def link(self, peer: str) -> SimpleNamespace | None:
+        if peer not in self.links:
+            return None
+        return SimpleNamespace(throughput=self.throughputs[peer]) if peer in self.throughputs else SimpleNamespace()
 
     async def connect(self, peer: str) -> None:
         if peer not in self.hub.peers:

@@ -8,7 +8,16 @@ import os
 
 import pytest
 
-from hivewire.coordination import Group, Matchmaker, MatchmakingSettings, RoundAbandoned, form_groups, round_id
+from hivewire.averaging import plan_partition
+from hivewire.coordination import (
+    Group,
+    Matchmaker,
+    MatchmakingSettings,
+    RoundAbandoned,
+    form_groups,
+    part_weights,
+    round_id,
+)
 from hivewire.identity import peer_id_from_key
 from hivewire.mesh import ControlRecordError
 from tests.client.coordination._support import GossipHub, HubTransport
@@ -121,7 +130,7 @@ async def test_proposals_that_do_not_fit_are_dropped(caplog: pytest.LogCaptureFi
     peers = new_peers(3)
     hub, _ = swarm(peers[:2])
     sender: HubTransport = hub.peers[peers[1]]
-    proposal = {"type": "match_propose", "epoch": 1, "attempt": 0}
+    proposal = {"type": "match_propose", "epoch": 1, "attempt": 0, "throughput": 0.0}
     for members in ([peers[1], peers[2]], [peers[0], peers[2]]):  # not for us; not from a member
         sender.send_control(peers[0], {**proposal, "members": members, "round_id": round_id(1, members, 0)})
     await asyncio.sleep(0.01)
@@ -214,3 +223,41 @@ def test_acks_are_checked_like_proposals(field: str, value: object) -> None:
     codec.encode(ack)
     with pytest.raises(ControlRecordError, match=field):
         codec.encode({**ack, field: value})
+
+
+async def test_every_member_gets_the_same_throughputs_from_the_proposals() -> None:
+    peers = new_peers(4)
+    hub, matchmakers = swarm(peers)
+    measured = dict(zip(peers, (4e6, 2e6, 0.0, 1e6), strict=True))  # peers[2]'s links have not measured yet
+    for peer, value in measured.items():
+        if value:
+            others = [other for other in peers if other != peer]
+            hub.peers[peer].throughputs = {other: value / len(others) for other in others}
+    groups = await matchmake_all(matchmakers, 3, {peer: peers for peer in peers})
+    maps = [group.throughputs for group in groups.values()]
+    assert all(throughputs == maps[0] for throughputs in maps)
+    known = [value for value in measured.values() if value]
+    assert maps[0] == {**measured, peers[2]: sum(known) / len(known)}  # unknown: an average member's part
+    sizes = plan_partition(7000, maps[0]).sizes
+    assert sizes == (3000, 1500, 1750, 750)
+
+
+@pytest.mark.parametrize(
+    ("claimed", "expected"),
+    [
+        ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # nobody measured: equal parts
+        ((6.0, 0.0, 2.0), (6.0, 4.0, 2.0)),  # unknown: the mean of the known claims
+        ((1e12, 1.0, 1.0, 1.0), (8.0, 1.0, 1.0, 1.0)),  # a huge claim is capped at 8 times the median
+        ((5.0,), (5.0,)),
+    ],
+)
+def test_part_weights(claimed: tuple[float, ...], expected: tuple[float, ...]) -> None:
+    members = [f"m{index}" for index in range(len(claimed))]
+    assert part_weights(members, claimed) == dict(zip(members, expected, strict=True))
+    assert Group("0" * 32, 1, 0, tuple(members), claimed).throughputs == dict(zip(members, expected, strict=True))
+
+
+def test_a_group_without_claims_splits_equally() -> None:
+    assert Group("0" * 32, 1, 0, ("a", "b")).throughputs == {"a": 1.0, "b": 1.0}
+    with pytest.raises(ValueError, match="claims"):
+        part_weights(["a", "b"], [1.0])

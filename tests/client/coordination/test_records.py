@@ -173,3 +173,59 @@ def test_only_the_author_can_sign_its_progress(make_member: Callable[..., Member
     author, other = make_member(), make_member()
     with pytest.raises(ValueError, match="cannot be signed"):
         sign_progress(other.identity, other.certificate, progress_of(author, clock), run=RUN, ttl=0)
+
+
+async def test_a_v2_record_carries_the_link_throughput_under_its_signature(
+    verifier: ProgressVerifier, make_member: Callable[..., Member], clock: Clock
+) -> None:
+    member = make_member()
+    record = signed(member, clock, link_throughput=2.5e6)
+    assert record["type"] == "progress_v2"
+    assert (await verifier.verify(record)).link_throughput == 2.5e6
+    assert await refused_by(verifier, {**record, "link_throughput": 9.9e6}) == "signature"  # a forwarder's lie
+
+
+def signed_v1(member: Member, progress: Progress) -> dict[str, Any]:
+    """A record as clients before link_throughput sent it, signed over the v1 bytes of docs/protocol.md."""
+    text = "\n".join(
+        (
+            "hivewire-progress-v1",
+            RUN,
+            progress.peer_id,
+            str(progress.epoch),
+            str(progress.samples_accumulated),
+            repr(progress.samples_per_second),
+            repr(progress.time),
+            progress.param_hash or "",
+        )
+    )
+    fields = {name: getattr(progress, name) for name in ("peer_id", "epoch", "samples_accumulated", "time")}
+    return {
+        "type": "progress",
+        **fields,
+        "samples_per_second": progress.samples_per_second,
+        "param_hash": progress.param_hash,
+        "certificate": member.certificate,
+        "signature": member.identity.private_key.sign(text.encode()),
+        "ttl": 1,
+    }
+
+
+async def test_an_older_clients_v1_record_is_accepted_with_the_throughput_unknown(
+    verifier: ProgressVerifier, make_member: Callable[..., Member], clock: Clock
+) -> None:
+    member = make_member()
+    progress = progress_of(member, clock)
+    assert await verifier.verify(signed_v1(member, progress)) == progress
+    assert progress.link_throughput == 0.0
+    v2_signature = signed(member, clock)["signature"]  # the v2 bytes differ: no signature passes for the other
+    assert await refused_by(verifier, {**signed_v1(member, progress), "signature": v2_signature}) == "signature"
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, 2e12])
+async def test_a_link_throughput_outside_its_bounds_is_refused(
+    verifier: ProgressVerifier, make_member: Callable[..., Member], clock: Clock, value: float
+) -> None:
+    record = signed(make_member(), clock)
+    record["link_throughput"] = value
+    assert await refused_by(verifier, record) == "schema"

@@ -2,7 +2,7 @@
 
 from hivewire.coordination.errors import CoordinationError, RecordRefused, RoundAbandoned
 from hivewire.coordination.grouping import form_groups, group_of
-from hivewire.coordination.matchmaking import Group, Matchmaker, MatchmakingSettings
+from hivewire.coordination.matchmaking import Group, Matchmaker, MatchmakingSettings, part_weights
 from hivewire.coordination.progress import (
     GlobalProgress,
     ProgressSettings,
@@ -18,7 +18,7 @@ from hivewire.coordination.records import (
     round_id,
     sign_progress,
 )
-from hivewire.coordination.transport import GossipTransport, RecordHandler
+from hivewire.coordination.transport import GossipTransport, RecordHandler, measured_throughput
 
 __all__ = [
     "COORDINATION_SCHEMAS",
@@ -40,6 +40,8 @@ __all__ = [
     "estimate_global_progress",
     "form_groups",
     "group_of",
+    "measured_throughput",
+    "part_weights",
     "round_id",
     "sign_progress",
 ]

@@ -22,6 +22,13 @@ silent to all) compute the same smaller group and round id. A member that alread
 tells us whom it lost: we follow it there with our group cut down to its members, instead of finding the
 same loss again on our own.
 
+Each proposal carries its sender's measured link throughput (bytes/s, 0 when unknown), so every member of
+an agreed group holds the same claims from the same proposals: ``Group.throughputs`` turns them into the
+butterfly's part weights (DeDLOC's adaptive averaging) without a further message. Known limit: a member
+that claims different throughputs to different members makes their partitions differ, and the averaging
+round then refuses mismatched parts between honest members too, for that round; an echo of the claims
+would catch it at the cost of one more round trip.
+
 Agreement is best effort, not consensus: a member reachable by some members but not others can make one
 member start a round that another abandoned; the averaging round's own exclusion of absent members covers
 that. Proposals and acks that arrive early (a member may start before us) are kept, bounded per peer.
@@ -30,18 +37,20 @@ that. Proposals and acks that arrive early (a member may start before us) are ke
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+import statistics
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hivewire.coordination.errors import RoundAbandoned
 from hivewire.coordination.grouping import group_of
-from hivewire.coordination.records import COORDINATION_SCHEMAS, round_id
-from hivewire.coordination.transport import GossipTransport
+from hivewire.coordination.records import COORDINATION_SCHEMAS, MAX_LINK_THROUGHPUT, round_id
+from hivewire.coordination.transport import GossipTransport, measured_throughput
 from hivewire.mesh import ControlCodec, ControlRecordError, MeshError
 
 logger = logging.getLogger(__name__)
 
+MAX_PART_RATIO = 8.0  # no member's part exceeds this many times the median member's part
 _Key = tuple[int, int]  # (epoch, attempt)
 _V = TypeVar("_V")
 
@@ -69,6 +78,24 @@ class MatchmakingSettings:
             raise ValueError(f"need 0 < response_timeout_s < agreement_timeout_s, got {self}")
 
 
+def part_weights(members: Sequence[str], claimed: Sequence[float]) -> dict[str, float]:
+    """Each member's weight for ``plan_partition``: its claimed throughput, an average one when it claimed none.
+
+    A claim of 0 means unknown (not measured yet), so that member gets the mean of the known claims, and
+    equal parts when no member knows. A member is never left without a part for lack of a measurement.
+    No weight exceeds ``MAX_PART_RATIO`` times the median: a member that claims a huge throughput cannot take
+    the whole tensor to reduce and then withhold it. Every member computes this from the same claims in the
+    same order, so the floats are bit-identical.
+    """
+    if len(members) != len(claimed):
+        raise ValueError(f"{len(claimed)} claims for {len(members)} members")
+    known = [value for value in claimed if value > 0]
+    fill = sum(known) / len(known) if known else 1.0
+    weights = [value if value > 0 else fill for value in claimed]
+    cap = MAX_PART_RATIO * statistics.median(weights) if weights else 0.0
+    return {member: min(weight, cap) for member, weight in zip(members, weights, strict=True)}
+
+
 @dataclass(frozen=True)
 class Group:
     """An agreed group: every member confirmed exactly these ``members`` under ``round_id``."""
@@ -77,6 +104,12 @@ class Group:
     epoch: int
     attempt: int
     members: tuple[str, ...]  # sorted; ourselves included (alone when no one else was left)
+    claimed: tuple[float, ...] = ()  # each member's throughput from its proposal (bytes/s, 0 = unknown); () = none
+
+    @property
+    def throughputs(self) -> dict[str, float]:
+        """``butterfly_allreduce``'s throughputs: the same map on every member, parts in proportion to the claims."""
+        return part_weights(self.members, self.claimed or (0.0,) * len(self.members))
 
 
 class _Superseded(Exception):
@@ -93,7 +126,7 @@ class _Superseded(Exception):
 class _Heard:
     """What one sender told us, per (epoch, attempt); insertion order is arrival order, bounded per sender."""
 
-    proposals: dict[_Key, tuple[str, frozenset[str]]]  # -> (round id, members)
+    proposals: dict[_Key, tuple[str, frozenset[str], float]]  # -> (round id, members, throughput claimed)
     acks: dict[_Key, str]  # -> the round id of our proposal it acknowledged
 
 
@@ -129,8 +162,10 @@ class Matchmaker:
                 try:
                     return await self._agree(epoch, members, attempt, deadline)
                 except _Superseded as jump:
-                    lost = sorted(set(members) - jump.members)
-                    logger.info("epoch %d attempt %d: %s; following without %s", epoch, attempt, jump, lost or "none")
+                    left_out = sorted(set(members) - jump.members)
+                    logger.info(
+                        "epoch %d attempt %d: %s; following without %s", epoch, attempt, jump, left_out or "none"
+                    )
                     attempt = jump.attempt
                     members = tuple(member for member in members if member in jump.members)
                 except RoundAbandoned as exc:
@@ -153,15 +188,30 @@ class Matchmaker:
             unreachable = await self._link(rid, others)
             if unreachable:
                 raise RoundAbandoned(rid, silent=unreachable, disagreeing=frozenset())
+        own = min(measured_throughput(self._transport), MAX_LINK_THROUGHPUT)
+        claimed = {self.peer_id: own}
+        if others:
             proposal = {"type": "match_propose", "round_id": rid, "epoch": epoch, "attempt": attempt}
+            proposal |= {"members": list(group), "throughput": own}
             self._proposed[(epoch, attempt)] = others
-            silent = frozenset(peer for peer in others if not self._send(peer, {**proposal, "members": list(group)}))
+            silent = frozenset(peer for peer in others if not self._send(peer, proposal))
             if silent:
                 raise RoundAbandoned(rid, silent=silent, disagreeing=frozenset())
             response_deadline = min(deadline, asyncio.get_running_loop().time() + self.settings.response_timeout_s)
             await self._await_agreement(rid, epoch, attempt, others, response_deadline, deadline)
-        logger.info("epoch %d attempt %d: round %s starts with %d members", epoch, attempt, rid, len(group))
-        return Group(round_id=rid, epoch=epoch, attempt=attempt, members=group)
+            claimed |= {peer: self._heard[peer].proposals[(epoch, attempt)][2] for peer in others}
+        group_claims = tuple(claimed[member] for member in group)
+        logger.info(
+            "epoch %d attempt %d: round %s starts with %d members, link throughputs %s",
+            epoch,
+            attempt,
+            rid,
+            len(group),
+            ", ".join(
+                f"{member[:8]} {value / 1e6:.2f} MB/s" for member, value in zip(group, group_claims, strict=True)
+            ),
+        )
+        return Group(round_id=rid, epoch=epoch, attempt=attempt, members=group, claimed=group_claims)
 
     async def _link(self, rid: str, others: frozenset[str]) -> frozenset[str]:
         """Stage "link": open links to members that are not neighbours; the members we could not reach."""
@@ -224,7 +274,7 @@ class Matchmaker:
         ahead = [
             (key[1], peer, members)
             for peer, h in heard.items()
-            for key, (_, members) in h.proposals.items()
+            for key, (_, members, _) in h.proposals.items()
             if key[0] == epoch and attempt < key[1] < self.settings.max_attempts
         ]
         if not ahead:
@@ -256,7 +306,7 @@ class Matchmaker:
         if kind == "match_ack":
             _keep(heard.acks, key, record["round_id"], self.settings.proposals_per_peer)
         else:
-            proposal = (record["round_id"], frozenset(record["members"]))
+            proposal = (record["round_id"], frozenset(record["members"]), record["throughput"])
             _keep(heard.proposals, key, proposal, self.settings.proposals_per_peer)
             self._acknowledge(sender, record)
         self._changed.set()

@@ -1,5 +1,8 @@
 """Progress gossip: every peer's signed {epoch, samples, throughput}, and the run's progress estimated from them.
 
+Throughput is twofold: ``samples_per_second`` (training speed, for the ETA) and ``link_throughput`` (bytes/s
+the author's links moved recently, measured when it announces; 0 when unknown), for operators and views.
+
 Each peer announces its own signed record to its neighbours with ``ttl = gossip_hops - 1``; a peer that
 accepts it passes it on with ``ttl - 1`` while the ttl is above 0, so it reaches peers up to ``gossip_hops``
 links away. A record no newer than the one held for its author (same or older ``time``) is a duplicate
@@ -23,8 +26,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hivewire.coordination.errors import RecordRefused
-from hivewire.coordination.records import MAX_GOSSIP_TTL, Progress, ProgressVerifier, sign_progress
-from hivewire.coordination.transport import GossipTransport
+from hivewire.coordination.records import (
+    MAX_GOSSIP_TTL,
+    MAX_LINK_THROUGHPUT,
+    PROGRESS_TYPES,
+    Progress,
+    ProgressVerifier,
+    sign_progress,
+)
+from hivewire.coordination.transport import GossipTransport, measured_throughput
 from hivewire.identity import CertificateVerifier, PeerIdentity
 from hivewire.mesh import MeshError
 
@@ -75,6 +85,8 @@ class GlobalProgress:
     eta_s: float  # until estimated_samples reaches the target: 0 once reached, inf without throughput
     param_hashes: Mapping[str, str | None]  # of the peers at ``epoch``, for divergence checks
     time: float
+    link_throughputs: Mapping[str, float] = field(default_factory=dict)  # bytes/s of the peers at ``epoch``;
+    # 0 when unknown. For operators: a round's parts follow the values in the group's proposals (matchmaking).
 
     @property
     def ready(self) -> bool:
@@ -118,6 +130,7 @@ def estimate_global_progress(
         eta_s=eta_s,
         param_hashes={record.peer_id: record.param_hash for record in at_epoch},
         time=now,
+        link_throughputs={record.peer_id: record.link_throughput for record in at_epoch},
     )
 
 
@@ -187,7 +200,7 @@ class ProgressTracker:
         self._announce_now = asyncio.Event()
         self._changed = asyncio.Event()  # replaced by a fresh one on every change; waiters hold the old one
         self._tasks: set[asyncio.Task[None]] = set()
-        transport.on_records(("progress",), self._on_record)
+        transport.on_records(PROGRESS_TYPES, self._on_record)
 
     async def start(self) -> None:
         """Start announcing our record and checking received ones."""
@@ -214,7 +227,13 @@ class ProgressTracker:
         """Our own progress as of now; a new epoch is announced at once, other changes on the next interval."""
         new_epoch = epoch != self._local.epoch
         self._local = Progress(
-            self.peer_id, epoch, samples_accumulated, float(samples_per_second), self._clock(), param_hash
+            self.peer_id,
+            epoch,
+            samples_accumulated,
+            float(samples_per_second),
+            self._clock(),
+            param_hash,
+            self._local.link_throughput,  # measured by the announcer, which owns it
         )
         if new_epoch:
             self._announce_now.set()
@@ -292,6 +311,8 @@ class ProgressTracker:
             # Receivers drop a record no newer than the last: on a coarse clock (Windows: ~16 ms) two
             # announcements could share a time, so the time moves on by at least one ulp.
             self._announced_at = max(self._clock(), math.nextafter(self._announced_at, math.inf))
+            throughput = min(measured_throughput(self._transport), MAX_LINK_THROUGHPUT)
+            self._local = replace(self._local, link_throughput=throughput)
             local = replace(self._local, time=self._announced_at)
             record = sign_progress(
                 self._identity, self._certificate(), local, run=self._run, ttl=self.settings.gossip_hops - 1

@@ -5,6 +5,11 @@ does not say who wrote it: the author signs it with its peer key and attaches it
 receiver checks both before believing a number in it. Cheap checks come first (schema, sizes, time), so a
 flood of junk costs no signature check, and a certificate is verified once per peer and then cached.
 
+Two versions of the progress record travel: ``progress_v2`` (what this client sends) adds the author's
+measured link throughput to ``progress`` (v1), which is still accepted, with the throughput unknown. The
+mesh's control codec takes exact field sets, so the new field comes as a new record type rather than an
+optional field: older clients drop v2 records as an unknown type, newer ones read both.
+
 A matchmaking proposal (and its acknowledgement) only ever crosses one direct link between two group members,
 whose DTLS handshake already pinned the sender's certificate; it is not signed.
 """
@@ -27,12 +32,14 @@ from hivewire.identity import CLOCK_SKEW_S, MAX_CERTIFICATE_BYTES, CertificateVe
 from hivewire.mesh import ControlCodec, ControlRecordError, RecordSchema
 
 PROGRESS_DOMAIN = "hivewire-progress-v1"
+PROGRESS_V2_DOMAIN = "hivewire-progress-v2"
 ROUND_DOMAIN = "hivewire-round-v1"
 MAX_EPOCH = 2**40
 MAX_SAMPLES = 2**53  # integers beyond this stop being exact as floats in the estimates
 MAX_SAMPLES_PER_SECOND = 1e9  # far above any volunteer; a larger claim is a lie or a bug
 MAX_TIME = 2.0**40  # seconds since 1970: year ~36812; the skew window does the real check
 MAX_GOSSIP_TTL = 8  # hops a record may still travel; a larger ttl is refused, not clamped
+MAX_LINK_THROUGHPUT = 1e12  # bytes/s (8 Tbit/s): far above any volunteer's links
 MAX_GROUP_MEMBERS = 256
 MAX_ATTEMPTS = 64
 SIGNATURE_BYTES = 64
@@ -49,7 +56,9 @@ def _in_range(record: Mapping[str, Any], name: str, low: float, high: float) -> 
 
 def _check_progress(record: Mapping[str, Any]) -> None:
     if not PEER_ID.fullmatch(record["peer_id"]):
-        raise ControlRecordError(f"progress.peer_id: {record['peer_id'][:40]!r} is not a peer id")
+        raise ControlRecordError(f"{record['type']}.peer_id: {record['peer_id'][:40]!r} is not a peer id")
+    if record["type"] == "progress_v2":
+        _in_range(record, "link_throughput", 0.0, MAX_LINK_THROUGHPUT)
     _in_range(record, "epoch", 0, MAX_EPOCH)
     _in_range(record, "samples_accumulated", 0, MAX_SAMPLES)
     _in_range(record, "samples_per_second", 0.0, MAX_SAMPLES_PER_SECOND)
@@ -57,13 +66,13 @@ def _check_progress(record: Mapping[str, Any]) -> None:
     _in_range(record, "ttl", 0, MAX_GOSSIP_TTL)
     param_hash = record["param_hash"]
     if param_hash is not None and not _PARAM_HASH.fullmatch(param_hash):
-        raise ControlRecordError("progress.param_hash: expected 16 to 128 lowercase hex digits or nil")
+        raise ControlRecordError(f"{record['type']}.param_hash: expected 16 to 128 lowercase hex digits or nil")
     certificate = record["certificate"]
     if not 0 < len(certificate) <= MAX_CERTIFICATE_BYTES or not certificate.isascii():
-        raise ControlRecordError(f"progress.certificate: expected 1..{MAX_CERTIFICATE_BYTES} ASCII characters")
+        raise ControlRecordError(f"{record['type']}.certificate: expected 1..{MAX_CERTIFICATE_BYTES} ASCII characters")
     if len(record["signature"]) != SIGNATURE_BYTES:
         raise ControlRecordError(
-            f"progress.signature: expected {SIGNATURE_BYTES} bytes, got {len(record['signature'])}"
+            f"{record['type']}.signature: expected {SIGNATURE_BYTES} bytes, got {len(record['signature'])}"
         )
 
 
@@ -79,6 +88,7 @@ def _check_proposal(record: Mapping[str, Any]) -> None:
         raise ControlRecordError("match_propose.members: expected sorted peer ids without repeats")
     if record["round_id"] != round_id(record["epoch"], members, record["attempt"]):
         raise ControlRecordError("match_propose.round_id: not the hash of (epoch, members, attempt)")
+    _in_range(record, "throughput", 0.0, MAX_LINK_THROUGHPUT)
 
 
 def _check_ack(record: Mapping[str, Any]) -> None:
@@ -88,28 +98,29 @@ def _check_ack(record: Mapping[str, Any]) -> None:
         raise ControlRecordError("match_ack.round_id: expected 32 lowercase hex digits")
 
 
-PROGRESS = RecordSchema(
-    "progress",
-    {
-        "peer_id": str,
-        "epoch": int,
-        "samples_accumulated": int,
-        "samples_per_second": float,
-        "time": float,
-        "param_hash": (str, type(None)),
-        "certificate": str,
-        "signature": bytes,
-        "ttl": int,
-    },
-    _check_progress,
-)
+_PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "peer_id": str,
+    "epoch": int,
+    "samples_accumulated": int,
+    "samples_per_second": float,
+    "time": float,
+    "param_hash": (str, type(None)),
+    "certificate": str,
+    "signature": bytes,
+    "ttl": int,
+}
+PROGRESS = RecordSchema("progress", _PROGRESS_FIELDS, _check_progress)  # v1: accepted, no longer sent
+PROGRESS_V2 = RecordSchema("progress_v2", {**_PROGRESS_FIELDS, "link_throughput": float}, _check_progress)
+PROGRESS_TYPES = ("progress", "progress_v2")
 PROPOSAL = RecordSchema(
-    "match_propose", {"round_id": str, "epoch": int, "attempt": int, "members": list}, _check_proposal
+    "match_propose",
+    {"round_id": str, "epoch": int, "attempt": int, "members": list, "throughput": float},
+    _check_proposal,
 )
 # "I am alive and have your proposal": sent by a member that has not proposed this (epoch, attempt) to the sender.
 ACK = RecordSchema("match_ack", {"round_id": str, "epoch": int, "attempt": int}, _check_ack)
 # Register these in the mesh's ControlCodec so links accept them.
-COORDINATION_SCHEMAS = (PROGRESS, PROPOSAL, ACK)
+COORDINATION_SCHEMAS = (PROGRESS, PROGRESS_V2, PROPOSAL, ACK)
 
 
 def round_id(epoch: int, members: Iterable[str], attempt: int) -> str:
@@ -128,12 +139,13 @@ class Progress:
     samples_per_second: float  # recent local throughput
     time: float  # when the numbers were taken, seconds since 1970 (the author's clock)
     param_hash: str | None = None  # hex digest of the parameters, for divergence checks under dedloc
+    link_throughput: float = 0.0  # bytes/s its links moved recently; 0 when unknown (not measured, a v1 record)
 
 
-def _canonical(run: str, progress: Progress) -> bytes:
+def _canonical(run: str, progress: Progress, *, version: int) -> bytes:
     """The exact bytes that are signed (docs/protocol.md); floats as their shortest round-trip decimal."""
-    fields = (
-        PROGRESS_DOMAIN,
+    fields = [
+        PROGRESS_V2_DOMAIN if version == 2 else PROGRESS_DOMAIN,
         run,
         progress.peer_id,
         str(progress.epoch),
@@ -141,26 +153,29 @@ def _canonical(run: str, progress: Progress) -> bytes:
         repr(float(progress.samples_per_second)),
         repr(float(progress.time)),
         progress.param_hash or "",
-    )
+    ]
+    if version == 2:
+        fields.append(repr(float(progress.link_throughput)))
     return "\n".join(fields).encode("utf-8")
 
 
 def sign_progress(
     identity: PeerIdentity, certificate_token: str, progress: Progress, *, run: str, ttl: int
 ) -> dict[str, Any]:
-    """The wire record of our own progress, signed with our peer key, to travel ``ttl`` more hops."""
+    """The wire record (v2) of our own progress, signed with our peer key, to travel ``ttl`` more hops."""
     if progress.peer_id != identity.peer_id:
         raise ValueError(f"progress of {progress.peer_id} cannot be signed by {identity.peer_id}")
     return {
-        "type": "progress",
+        "type": "progress_v2",
         "peer_id": progress.peer_id,
         "epoch": progress.epoch,
         "samples_accumulated": progress.samples_accumulated,
         "samples_per_second": float(progress.samples_per_second),
         "time": float(progress.time),
         "param_hash": progress.param_hash,
+        "link_throughput": float(progress.link_throughput),
         "certificate": certificate_token,
-        "signature": identity.private_key.sign(_canonical(run, progress)),
+        "signature": identity.private_key.sign(_canonical(run, progress, version=2)),
         "ttl": ttl,
     }
 
@@ -198,7 +213,7 @@ class ProgressVerifier:
             self._codec.validate(record)
         except ControlRecordError as exc:
             raise RecordRefused("schema", str(exc)) from exc
-        if record["type"] != "progress":
+        if record["type"] not in PROGRESS_TYPES:
             raise RecordRefused("schema", f"expected a progress record, got {record['type']!r}")
         return Progress(
             peer_id=record["peer_id"],
@@ -207,6 +222,7 @@ class ProgressVerifier:
             samples_per_second=record["samples_per_second"],
             time=record["time"],
             param_hash=record["param_hash"],
+            link_throughput=record.get("link_throughput", 0.0),
         )
 
     async def verify(self, record: Any) -> Progress:
@@ -226,7 +242,8 @@ class ProgressVerifier:
         certificate = await self._certificate(progress.peer_id, record["certificate"], now)
         try:
             Ed25519PublicKey.from_public_bytes(certificate.peer_key).verify(
-                record["signature"], _canonical(self._run, progress)
+                record["signature"],
+                _canonical(self._run, progress, version=2 if record["type"] == "progress_v2" else 1),
             )
         except InvalidSignature as exc:
             raise RecordRefused(

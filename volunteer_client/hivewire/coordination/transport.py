@@ -5,6 +5,7 @@ whole swarms in one event loop with an in-process implementation. Records reach 
 codec accepted them (``COORDINATION_SCHEMAS`` registered), and are checked again by their consumer.
 """
 
+import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
@@ -36,3 +37,24 @@ class GossipTransport(Protocol):
     async def connect(self, peer: str) -> Any:
         """Open a direct link to ``peer`` (a no-op when it is a neighbour); a MeshError when that fails."""
         ...
+
+
+LINK_THROUGHPUT_ATTRIBUTE = "throughput"  # a Link's recent bytes/s (sent + received), as the mesh measures it
+
+
+def measured_throughput(transport: GossipTransport) -> float:
+    """The bytes/s our links moved recently, summed over neighbours; 0.0 when unknown.
+
+    Read from the links of a transport that has them (the mesh manager's ``link(peer)``); a transport
+    without links, a link that has not measured yet, or a value that is not a finite number >= 0 counts
+    as nothing, so a peer that cannot tell gets an average part (matchmaking.part_weights), never none.
+    """
+    link_of = getattr(transport, "link", None)
+    if not callable(link_of):
+        return 0.0
+    total = 0.0
+    for peer in transport.neighbours:
+        value = getattr(link_of(peer), LINK_THROUGHPUT_ATTRIBUTE, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            total += float(value)
+    return total
