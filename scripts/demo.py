@@ -3,6 +3,8 @@
 Each volunteer signs in through the device grant (`hivewire login --headless`, approved here as its user),
 then runs `hivewire join` with `--ice-address 127.0.0.1`; the server hands out no STUN or TURN, so no packet
 leaves this machine. Prints the dashboard URL and a live summary; Ctrl-C or --minutes stops every child.
+Once the volunteers left (each flushes its reports and co-signed round receipts), prints the run's
+leaderboard from the server: verified samples come from the receipts.
 """
 
 from __future__ import annotations
@@ -147,6 +149,25 @@ def summary(elapsed: float, volunteers: list[Child]) -> str:
     return f"[{elapsed:5.0f}s] {trend}" + "; ".join(parts)
 
 
+def leaderboard(url: str) -> str:
+    """The run's leaderboard as the server counts it, one line per volunteer; a line saying why if unavailable."""
+    try:
+        response = httpx.get(f"{url}/api/runs/{SLUG}/leaderboard", timeout=10.0)
+        response.raise_for_status()
+        rows = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        return f"  leaderboard unavailable: {exc}"
+    if not rows:
+        return "  leaderboard: empty (no report or receipt reached the server)"
+    lines = [f"  {'rank':>4}  {'volunteer':<12} {'verified':>9} {'reported':>9} {'rounds':>6} {'online s':>8}"]
+    for row in rows:
+        lines.append(
+            f"  {row['rank']:>4}  {str(row['display_name'])[:12]:<12} {row['verified_samples']:>9} "
+            f"{row['reported_samples']:>9} {row['rounds']:>6} {row['online_seconds']:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=5.0, help="stop after this long (default 5)")
@@ -173,6 +194,7 @@ def main() -> int:
     }
     children: list[Child] = []
     volunteers: list[Child] = []
+    board = ""
     started = time.monotonic()
     try:
         print(f"Hivewire demo: starting the server on {url} (database {home / 'hivewire.db'})", flush=True)
@@ -225,6 +247,10 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
         for volunteer in volunteers:
             volunteer.send(signal.SIGINT)  # all at once: they leave the mesh together
+        for volunteer in volunteers:
+            volunteer.stop()  # each flushes its reports and receipts to the server before it exits
+        if children and children[0].process.poll() is None:  # the server, still up
+            board = leaderboard(url)
         for child in reversed(children):
             if child not in volunteers:
                 child.send(signal.SIGTERM)
@@ -233,6 +259,9 @@ def main() -> int:
         left = next((line.strip() for line in volunteer.lines if line.startswith("Left run")), "did not say goodbye")
         print(f"  {volunteer.name}: {left}", flush=True)
     print(summary(time.monotonic() - started, volunteers), flush=True)
+    if board:
+        print(f"Leaderboard of {SLUG} (samples; verified = co-signed by the averaging groups):", flush=True)
+        print(board, flush=True)
     print("Demo stopped; every child process has exited.", flush=True)
     return 0
 

@@ -1,4 +1,5 @@
-"""scripts/demo.py end to end: server, device-grant sign-ins, three volunteers, falling loss, no child left."""
+"""scripts/demo.py end to end: server, device-grant sign-ins, three volunteers, falling loss, a filled leaderboard,
+no child left."""
 
 import os
 import re
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
 EPOCHS = 4
 DEMO_TIMEOUT_S = 120.0  # --minutes 1, then at most ~20 s for the volunteers to leave
+ROW = re.compile(r"^\s+\d+\s+(?P<name>\w+)\s+(?P<verified>\d+)\s+\d+\s+\d+\s+\d+$", re.MULTILINE)
 LEFT = re.compile(r"Left run tiny-lm-demo at epoch (?P<epoch>\d+) .*\(loss (?P<first>[0-9.]+) -> (?P<last>[0-9.]+)\)")
 
 
@@ -48,3 +50,8 @@ def test_the_demo_trains_three_volunteers_and_leaves_no_process(tmp_path: Path) 
     falling = [m for m in LEFT.finditer(output) if int(m["epoch"]) >= 1 and float(m["last"]) < float(m["first"])]
     assert falling, output
     assert processes_with(marker) == [], output
+    # the leaderboard the server counted, printed at the end: every volunteer with verified samples
+    board = output[output.index("Leaderboard of tiny-lm-demo") :]
+    rows = {match["name"]: int(match["verified"]) for match in ROW.finditer(board)}
+    assert rows.keys() == {"ada", "brook", "cyril"}, board
+    assert all(verified > 0 for verified in rows.values()), board

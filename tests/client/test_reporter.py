@@ -212,3 +212,59 @@ def test_the_queue_is_bounded_and_skips_a_torn_line(tmp_path: Path) -> None:
     assert [report["samples"] for report in reloaded.oldest(100)] == [5, 6, 7, 8, 9]
     reloaded.remove({reports[5]["report_id"], reports[9]["report_id"]})
     assert [report["samples"] for report in ReportQueue(torn, max_bytes=10**6).oldest(100)] == [6, 7, 8]
+
+
+def test_a_queued_receipt_is_uploaded_by_every_member_and_counted_once(
+    server: LiveServer, organizer: Account, volunteer: Account, run_slug: str, tmp_path: Path
+) -> None:
+    """Each member queues the co-signed receipt; the first upload stores it, the other is a duplicate, and a
+    receipt the server refuses for good (a forged signature) leaves the queue instead of blocking it."""
+    members = []
+    for account in (organizer, volunteer):
+        identity = new_identity()
+        with HivewireAPI(server.url, account.token) as api:
+            members.append((identity, api.join(run_slug, identity.peer_key).certificate))
+    samples = {identity.peer_id: 300 + n for n, (identity, _) in enumerate(members)}
+
+    def receipt(round_id: str) -> dict[str, object]:
+        return {
+            "round_id": round_id,
+            "epoch": 2,
+            "members": [
+                {"peer_id": identity.peer_id, "certificate": certificate, "samples": samples[identity.peer_id]}
+                for identity, certificate in members
+            ],
+            "signatures": {
+                identity.peer_id: sign_receipt(identity, run=run_slug, round_id=round_id, epoch=2, members=samples)
+                for identity, _ in members
+            },
+        }
+
+    forged = receipt("forged-round")
+    forged["signatures"] = {peer: receipt("another-round")["signatures"][peer] for peer in samples}  # type: ignore[index]
+    results = []
+    for n, (identity, certificate) in enumerate(members):
+        config = ReporterConfig(queue_path=tmp_path / f"member{n}" / "reports.jsonl")
+        reporter = Reporter(server.url, run_slug, identity, lambda c=certificate: c, config)  # type: ignore[misc]
+        if n == 0:
+            reporter.receipt(forged)
+        reporter.receipt(receipt("round-cosigned"))
+        assert reporter.pending_receipts == 1 + (n == 0)
+        results.append(reporter.close(timeout_s=10))
+        assert reporter.pending_receipts == 0 and reporter.receipts_delivered == 1
+    assert results[0].receipts_refused == ["forged-round"]
+    assert results[0].receipts_stored == results[1].receipts_stored == ["round-cosigned"]
+    rows = httpx.get(f"{server.url}/api/runs/{run_slug}/leaderboard", timeout=10).json()["data"]
+    assert sorted((row["verified_samples"], row["rounds"]) for row in rows) == [(300, 1), (301, 1)]
+
+
+def test_receipts_wait_on_disk_while_the_server_is_down(server: LiveServer, tmp_path: Path) -> None:
+    identity = new_identity()
+    config = ReporterConfig(queue_path=tmp_path / "reports.jsonl", request_timeout_s=2.0)
+    server.stop()
+    reporter = Reporter(server.url, "some-run", identity, lambda: "certificate", config)
+    reporter.receipt({"round_id": "round-waiting", "epoch": 0, "members": [], "signatures": {}})
+    result = reporter.close(timeout_s=5)
+    assert isinstance(result.error, ServerUnreachable) and result.receipts_pending == 1
+    queued = ReportQueue(tmp_path / "reports-receipts.jsonl", max_bytes=10**6, key="round_id").oldest(10)
+    assert [entry["round_id"] for entry in queued] == ["round-waiting"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,11 +177,17 @@ def command(
     try:
         result = train(recipe, spec.strategy, slug, identity.peer_id, handle, options, reporter)
     finally:
-        handle.leave()
-        while handle.receipts:  # the last rounds', co-signed while the network process left
-            reporter.receipt(handle.receipts.popleft().body)
-        flushed = reporter.close(REPORT_FLUSH_TIMEOUT_S)
-        renewer.close()
+        # Leaving is bounded (LEAVE_TIMEOUT_S, then REPORT_FLUSH_TIMEOUT_S); a Ctrl-C now (a second one, or
+        # one that comes as --max-epochs is reached) would only cut the last receipts and reports short.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            handle.leave()
+            while handle.receipts:  # the last rounds', co-signed while the network process left
+                reporter.receipt(handle.receipts.popleft().body)
+            flushed = reporter.close(REPORT_FLUSH_TIMEOUT_S)
+            renewer.close()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     waiting = flushed.pending + flushed.receipts_pending
     typer.echo(
         f"Reports: {reporter.reports_delivered} progress reports and {reporter.receipts_delivered} round receipts "
