@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import needs_browser
-from tests.browser.webrtc_peer.interop import CORRUPT_SIZE, PAYLOAD_SIZES
+from tests.browser.webrtc_peer.interop import CORRUPT_SIZE, PAYLOAD_SIZES, SECOND_LINK_SIZES
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, needs_browser]
 
@@ -97,6 +97,33 @@ def _digests(entries: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
     return [(entry["payload_id"], entry["size"], entry["sha256"]) for entry in entries]
 
 
+def check_payloads(link: dict[str, Any], sizes: tuple[int, ...]) -> None:
+    """Every payload arrived whole both ways, each verified by its receiver against its START digest."""
+    to_browser, to_aiortc = link["to_browser"], link["to_aiortc"]
+    assert [entry["size"] for entry in to_browser["sent"]] == list(sizes)
+    assert _digests(to_browser["received"]) == _digests(to_browser["sent"])
+    assert [entry["size"] for entry in to_aiortc["sent"]] == list(sizes)
+    assert [entry["refused"] for entry in to_aiortc["sent"]] == [None] * len(sizes)
+    # The aiortc side hashed the bytes it got: they are the bytes the browser hashed before sending.
+    assert _digests(to_aiortc["received"]) == _digests(to_aiortc["sent"])
+
+
+def check_transport(link: dict[str, Any], *, tuned: bool) -> None:
+    """The link ran on the expected SCTP stack, over the data channel, with loopback at both ends."""
+    assert link["sctp_transport"] == ("TunedSctpTransport" if tuned else "RTCSctpTransport")
+    assert link["link_path"] == "webrtc"  # a browser offers no direct TLS path: the data channel carries all
+    browser = link["browser"]
+    assert browser["selected"]["state"] == "succeeded"
+    assert (browser["selected"]["local"]["address"], browser["selected"]["remote"]["address"]) == (LOOPBACK, LOOPBACK)
+    assert set(browser["remote"]) == {LOOPBACK}
+    assert set(browser["local"]) <= {LOOPBACK, *ANY_ADDRESSES}
+    assert set(browser["dropped"]) <= {"::1"}, "Chromium gathered a candidate outside loopback"
+    aiortc = link["aiortc"]
+    assert aiortc["selected"]["local_address"].startswith(f"{LOOPBACK}:")
+    assert aiortc["selected"]["remote_address"].startswith(f"{LOOPBACK}:")
+    assert aiortc["local"] == aiortc["remote"] == [LOOPBACK]
+
+
 @pytest.mark.parametrize("tuned", [False, True], ids=["untuned", "tuned"])
 def test_chromium_and_aiortc_exchange_verified_payloads_over_loopback(
     tuned: bool, isolated: None, sqlite_template: Path, tmp_path: Path
@@ -107,56 +134,41 @@ def test_chromium_and_aiortc_exchange_verified_payloads_over_loopback(
     report = result["browser_report"]
     assert result["interfaces"] == ["lo"]
     assert not report["errors"], report["log"]
-
-    # The aiortc side really was the tuned (or untuned) stack.
     if tuned:
         assert result["tuning_applied"] is True
-        assert result["sctp_transport"] == "TunedSctpTransport"
         assert result["event_loop"].startswith("uvloop")
     else:
-        assert result["sctp_transport"] == "RTCSctpTransport"
         assert result["event_loop"].startswith("asyncio")
 
-    # Signed signaling: the browser refused the two forged offers and accepted the mesh's genuine one;
-    # the mesh accepted the browser's signed answer.
+    # Signed signaling: the browser refused the two forged offers and took the mesh's genuine one, and the
+    # mesh verified the browser's signed answer, then its signed offer.
     assert report["refused_signals"] == result["forged_offers"] == ["signature", "fingerprints"]
     assert result["signals_refused_by_aiortc"] == 0
-    assert result["browser_link"] == {"peer": result["aiortc_peer"], "max_frame_bytes": 262_144}
 
-    # aiortc → Chromium: every payload arrived whole, checked by the browser against its START digest.
-    to_browser = result["to_browser"]
-    assert [entry["size"] for entry in to_browser["sent"]] == list(PAYLOAD_SIZES)
-    assert _digests(to_browser["received"]) == _digests(to_browser["sent"])
-    # Chromium → aiortc: the Link verified each one, and the bytes hash to what the browser sent.
-    to_aiortc = result["to_aiortc"]
-    assert [entry["size"] for entry in to_aiortc["sent"]] == list(PAYLOAD_SIZES)
-    assert [entry["refused"] for entry in to_aiortc["sent"]] == [None] * len(PAYLOAD_SIZES)
-    assert _digests(to_aiortc["received"]) == _digests(to_aiortc["sent"])
-
-    # One corrupted payload each way: refused by the receiver's SHA-256 check, and the link goes on.
-    corrupt = result["corrupt_to_aiortc"]
+    # 1. The mesh offered, Chromium answered.
+    first = result["aiortc_offers"]
+    assert first["browser_link"] == {"peer": result["aiortc_peer"], "max_frame_bytes": 262_144}
+    check_payloads(first, PAYLOAD_SIZES)
+    check_transport(first, tuned=tuned)
+    # One corrupted payload each way: refused by the receiver's SHA-256 check, and the link went on.
+    corrupt = first["corrupt"]["to_aiortc"]
     assert corrupt["browser_sent"]["size"] == CORRUPT_SIZE
     assert "SHA-256" in corrupt["browser_sent"]["refused"]
     assert corrupt["frames_refused"] == 1
     assert corrupt["next_delivered"]["payload_id"] == corrupt["browser_sent"]["payload_id"] + 1
     assert _digests([corrupt["next_delivered"]]) == _digests([corrupt["next_sent"]])
-    refused = result["corrupt_to_browser"]
+    refused = first["corrupt"]["to_browser"]
     assert len(refused["refusals"]) == 1
     assert f"payload {refused['payload_id']} discarded: SHA-256" in refused["refusals"][0]
-    assert report["counters"]["payloads_received"] == len(PAYLOAD_SIZES)
 
-    # The payloads took the data channel (a browser offers no direct TLS path), over loopback at both ends.
-    assert result["link_path"] == "webrtc"
-    browser_pair = result["browser_transport"]["selected"]
-    assert browser_pair["state"] == "succeeded"
-    assert (browser_pair["local"]["address"], browser_pair["remote"]["address"]) == (LOOPBACK, LOOPBACK)
-    aiortc_pair = result["aiortc_transport"]["selected"]
-    assert aiortc_pair["local_address"].startswith(f"{LOOPBACK}:")
-    assert aiortc_pair["remote_address"].startswith(f"{LOOPBACK}:")
-    assert result["aiortc_transport"]["local"] == result["aiortc_transport"]["remote"] == [LOOPBACK]
-    assert set(result["browser_transport"]["remote"]) == {LOOPBACK}
-    assert set(result["browser_transport"]["local"]) <= {LOOPBACK, *ANY_ADDRESSES}
-    assert set(result["browser_transport"]["dropped"]) <= {"::1"}, "a non-loopback candidate was gathered"
+    # 2. Chromium offered a new link, the mesh answered and replaced the first one.
+    second = result["browser_offers"]
+    assert second["browser_link"] == {"peer": result["aiortc_peer"], "max_frame_bytes": 262_144}
+    assert second["first_link_closed"] is True
+    check_payloads(second, SECOND_LINK_SIZES)
+    check_transport(second, tuned=tuned)
 
+    # Nothing but the good payloads reached the browser's consumer.
+    assert report["counters"]["payloads_received"] == len(PAYLOAD_SIZES) + len(SECOND_LINK_SIZES)
     errors = [entry for entry in result["console"] if entry["level"] == "SEVERE"]
     assert not errors, f"console errors: {errors}"

@@ -12,10 +12,10 @@ descriptions, Link with framing). The browser peer is peer.js, written from docs
 
 Steps, each bounded in time: the browser joins signaling with a key and certificate made here; two forged
 offers are sent to it (wrong receiver, altered SDP) and must be refused; the mesh links to it (aiortc
-offers, Chromium answers); payloads go both ways with more payloads than the receive credit, so
-``bulk_release`` must flow; one corrupted payload each way must be refused by the receiver's SHA-256
-check; both ends report the candidate pair they use. The result file holds what each side saw; the test
-judges it.
+offers, Chromium answers) and payloads go both ways, more of them than the receiver's credit, so
+``bulk_release`` must flow; one corrupted payload each way must be refused by the receiver's SHA-256 check;
+then Chromium offers a new link, the mesh answers and replaces its old one, and payloads cross it too. Both
+ends report the candidate pair they use. The result file holds what each side saw; the test judges it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from hivewire.signaling.signed import sign_description
 from tests.browser.conftest import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
 from tests.client.live_server import Server
 from tests.conftest import RUN, Account, new_user
-from tests.support import LOOPBACK, free_port, within
+from tests.support import LOOPBACK, eventually, free_port, within
 
 logger = logging.getLogger("interop")
 
@@ -70,6 +70,7 @@ SCRIPT_TIMEOUT_S = STEP_TIMEOUT_S + 10.0  # WebDriver's own bound, above the pag
 # Sizes of one batch of payloads: empty, one byte, exactly one full frame of body, several frames with a
 # partial last one, and a large one; six in all, more than the receiver's 4 payloads of credit.
 PAYLOAD_SIZES = (0, 1, 262_144 - HEADER.size, 3 * 262_124 + 5, 2 * 2**20 + 3, 4 * 2**20)
+SECOND_LINK_SIZES = (1, 1 * 2**20 + 1)
 CORRUPT_SIZE = 100_000
 CORRUPT_AT = 70_000  # inside the first chunk of a corrupt payload, after it was hashed
 # Chromium's WebRTC only ever sees loopback here (the namespace has nothing else); it has to be told to use it,
@@ -223,11 +224,72 @@ def ice_addresses(sctp: RTCSctpTransport) -> dict[str, list[str]]:
     }
 
 
+async def payloads_both_ways(link: Link, page: Page, sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Random payloads of ``sizes`` from aiortc to the browser, then as many from the browser to aiortc."""
+    step_ms = STEP_TIMEOUT_S * 1000
+    payloads = [os.urandom(size) for size in sizes]
+
+    async def send_all() -> list[dict[str, Any]]:
+        return [
+            {"payload_id": await link.send_payload(data), "size": len(data), "sha256": digest(data)}
+            for data in payloads
+        ]
+
+    started = time.perf_counter()
+    sent, received = await within(
+        asyncio.gather(send_all(), page.call("receive", len(sizes), step_ms)), "aiortc → browser", STEP_TIMEOUT_S
+    )
+    to_browser = {"sent": sent, "received": received, "seconds": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    browser_sends = asyncio.ensure_future(page.call("send", list(sizes), step_ms))
+    got = []
+    for _ in sizes:
+        payload_id, data = await within(link.recv_payload(), "a payload from the browser", STEP_TIMEOUT_S)
+        got.append({"payload_id": payload_id, "size": len(data), "sha256": digest(data)})
+    to_aiortc = {"sent": await browser_sends, "received": got, "seconds": time.perf_counter() - started}
+    return {"to_browser": to_browser, "to_aiortc": to_aiortc}
+
+
+async def corruption_both_ways(link: Link, page: Page, max_frame_bytes: int) -> dict[str, Any]:
+    """A corrupted payload each way: the receiver's checksum must catch it, and the link must go on.
+
+    Last on the link's bulk channel: the frames to the browser use the id the link would give its next payload.
+    """
+    step_ms = STEP_TIMEOUT_S * 1000
+    refused_before = link.stats.frames_refused
+    (corrupt,) = await page.call("send", [CORRUPT_SIZE], step_ms, CORRUPT_AT)  # resolves on bulk_refused
+    good_sent = asyncio.ensure_future(page.call("send", [1000], step_ms))
+    next_id, data = await within(link.recv_payload(), "the good payload after the corrupt one", STEP_TIMEOUT_S)
+    to_aiortc = {
+        "browser_sent": corrupt,
+        "frames_refused": link.stats.frames_refused - refused_before,
+        "next_delivered": {"payload_id": next_id, "size": len(data), "sha256": digest(data)},
+        "next_sent": (await good_sent)[0],
+    }
+    corrupt_id = link.stats.payloads_sent + 1
+    corrupt_to_browser(link, corrupt_id, max_frame_bytes)
+    to_browser = {"payload_id": corrupt_id, "refusals": await page.call("refusals", 1, step_ms)}
+    return {"to_aiortc": to_aiortc, "to_browser": to_browser}
+
+
+async def transports(link: Link, page: Page) -> dict[str, Any]:
+    """What each end says the link runs on: candidate pairs and addresses, SCTP class, bulk path."""
+    sctp = link.bulk_channel.transport
+    return {
+        "browser": await page.call("transport"),
+        "aiortc": {"selected": nominated_pair(sctp), **ice_addresses(sctp)},
+        "sctp_transport": type(sctp).__name__,
+        "link_path": link.path,
+        "link_stats": dataclasses.asdict(link.stats),
+    }
+
+
 async def exchange(
     server: Server, jwks: dict[str, Any], aiortc: Volunteer, browser: Volunteer, page: Page
 ) -> dict[str, Any]:
     """Everything on the wire, in order; returns what both sides saw."""
-    browser_id = browser.identity.peer_id
+    browser_id, aiortc_id = browser.identity.peer_id, aiortc.identity.peer_id
     config = {
         "signaling_url": browser.joined.signaling_url,
         "certificate": browser.joined.certificate,
@@ -238,12 +300,13 @@ async def exchange(
         "jwks": jwks,
         "ice_servers": [server.model_dump(exclude_none=True) for server in browser.joined.ice_servers],
     }
-    result: dict[str, Any] = {"browser_peer": browser_id, "aiortc_peer": aiortc.identity.peer_id}
+    result: dict[str, Any] = {"browser_peer": browser_id, "aiortc_peer": aiortc_id}
+    result["event_loop"] = type(asyncio.get_running_loop()).__module__
     result["welcome"] = await page.call("start", config)
     result["forged_offers"] = await forged_offers(aiortc, browser_id)
 
     certificates = CertificateVerifier(server.url)
-    verifier = DescriptionVerifier(certificates, run=SLUG, self_peer_id=aiortc.identity.peer_id)
+    verifier = DescriptionVerifier(certificates, run=SLUG, self_peer_id=aiortc_id)
     signaling = SignalingClient(aiortc.joined.signaling_url, lambda: aiortc.joined.certificate, settings=TEST_SIGNALING)
     mesh = Mesh(
         aiortc.identity,
@@ -253,57 +316,30 @@ async def exchange(
         signaling=signaling,
         settings=TEST_MESH,
     )
-    step = STEP_TIMEOUT_S * 1000  # the page's bound, in ms
+    step_ms = STEP_TIMEOUT_S * 1000
     try:
         await mesh.start([browser_id])
+        # 1. The mesh offers (Chromium verifies the offer and answers), as when a volunteer links to a browser.
         link = await within(mesh.connect(browser_id), "the mesh linking to the browser", STEP_TIMEOUT_S)
-        result["browser_link"] = await page.call("waitOpen", step)
+        opened = await page.call("waitOpen", step_ms)
+        first: dict[str, Any] = {"browser_link": opened}
+        first |= await payloads_both_ways(link, page, PAYLOAD_SIZES)
+        first["corrupt"] = await corruption_both_ways(link, page, opened["max_frame_bytes"])
+        first |= await transports(link, page)
+        result["aiortc_offers"] = first
 
-        payloads = [os.urandom(size) for size in PAYLOAD_SIZES]
-        started = time.perf_counter()
-
-        async def send_all() -> list[dict[str, Any]]:
-            return [
-                {"payload_id": await link.send_payload(data), "size": len(data), "sha256": digest(data)}
-                for data in payloads
-            ]
-
-        sent, received = await within(
-            asyncio.gather(send_all(), page.call("receive", len(payloads), step)), "aiortc → browser", STEP_TIMEOUT_S
+        # 2. Chromium offers a new link (the mesh verifies it, replaces the old link and answers).
+        opened = await page.call("offer", aiortc_id, step_ms)
+        await eventually(
+            lambda: mesh.link(browser_id) not in (None, link), "the mesh adopting the browser's link", STEP_TIMEOUT_S
         )
-        result["to_browser"] = {"sent": sent, "received": received, "seconds": time.perf_counter() - started}
+        second_link = mesh.link(browser_id)  # adopted once open
+        assert second_link is not None
+        second: dict[str, Any] = {"browser_link": opened, "first_link_closed": link.closed}
+        second |= await payloads_both_ways(second_link, page, SECOND_LINK_SIZES)
+        second |= await transports(second_link, page)
+        result["browser_offers"] = second
 
-        started = time.perf_counter()
-        browser_sends = asyncio.ensure_future(page.call("send", list(PAYLOAD_SIZES), step))
-        got = []
-        for _ in PAYLOAD_SIZES:
-            payload_id, data = await within(link.recv_payload(), "a payload from the browser", STEP_TIMEOUT_S)
-            got.append({"payload_id": payload_id, "size": len(data), "sha256": digest(data)})
-        result["to_aiortc"] = {"sent": await browser_sends, "received": got, "seconds": time.perf_counter() - started}
-
-        # A corrupted payload each way: the receiver's checksum must catch it, and the link must go on.
-        refused_before = link.stats.frames_refused
-        (corrupt,) = await page.call("send", [CORRUPT_SIZE], step, CORRUPT_AT)  # resolves on bulk_refused
-        good_sent = asyncio.ensure_future(page.call("send", [1000], step))
-        next_id, data = await within(link.recv_payload(), "the good payload after the corrupt one", STEP_TIMEOUT_S)
-        result["corrupt_to_aiortc"] = {
-            "browser_sent": corrupt,
-            "frames_refused": link.stats.frames_refused - refused_before,
-            "next_delivered": {"payload_id": next_id, "size": len(data), "sha256": digest(data)},
-            "next_sent": (await good_sent)[0],
-        }
-        # Last on the bulk channel: these frames use the id the link would give its next payload.
-        corrupt_id = link.stats.payloads_sent + 1
-        corrupt_to_browser(link, corrupt_id, result["browser_link"]["max_frame_bytes"])
-        result["corrupt_to_browser"] = {"payload_id": corrupt_id, "refusals": await page.call("refusals", 1, step)}
-
-        result["browser_transport"] = await page.call("transport")
-        sctp = link.bulk_channel.transport
-        result["aiortc_transport"] = {"selected": nominated_pair(sctp), **ice_addresses(sctp)}
-        result["sctp_transport"] = type(sctp).__name__
-        result["event_loop"] = type(asyncio.get_running_loop()).__module__
-        result["link_path"] = link.path
-        result["link_stats"] = dataclasses.asdict(link.stats)
         result["signals_refused_by_aiortc"] = mesh.stats.signals_refused
         result["browser_report"] = await page.call("report")
     finally:
@@ -337,18 +373,22 @@ def main(argv: list[str] | None = None) -> int:
         result["tuning_applied"] = tuning.apply_sctp_tuning()
     elif tuning is not None:
         tuning.apply_sctp_tuning(False)  # untuned means aiortc as shipped, whatever the environment says
+    started = time.monotonic()
     server = Server(args.database, args.workdir / "server.log")
     server.start()
+    logger.info("server up at %s after %.1f s", server.url, time.monotonic() - started)
     try:
         with httpx.Client(base_url=server.url, timeout=10.0) as http:
+            # The organizer (the first account) creates the run and volunteers the aiortc peer.
             organizer = new_user(http, "olivia")  # type: ignore[arg-type]  # has the calls new_user makes
-            response = http.post("/api/runs", json=RUN, headers=organizer.headers)
-            response.raise_for_status()
-            aiortc = join(server, new_user(http, "victor"))  # type: ignore[arg-type]
+            http.post("/api/runs", json=RUN, headers=organizer.headers).raise_for_status()
+            aiortc = join(server, organizer)
             browser = join(server, new_user(http, "wendy"))  # type: ignore[arg-type]
             jwks = http.get("/.well-known/jwks.json").raise_for_status().json()  # handed to the page
+        logger.info("run created and joined twice after %.1f s", time.monotonic() - started)
         with page_server() as url, chromium(args.workdir / "chromium-profile") as driver:
             driver.get(url)
+            logger.info("Chromium on %s after %.1f s", url, time.monotonic() - started)
             work = exchange(server, jwks, aiortc, browser, Page(driver))
             # The tuned network process runs on uvloop (tuning.run); the untuned one on asyncio's own loop.
             result |= tuning.run(work) if args.tuned and tuning is not None else asyncio.run(work)

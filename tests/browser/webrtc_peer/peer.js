@@ -685,9 +685,26 @@
     }
     if (message.kind === "offer") {
       state.signals = state.signals.then(() => onOffer(message.from, message.payload));
+    } else if (message.kind === "answer") {
+      state.signals = state.signals.then(() => onAnswer(message.from, message.payload));
     } else {
-      log(`ignored a ${message.kind} from ${message.from}`); // answers: this peer never offers; no trickle ICE
+      log(`ignored a ${message.kind} from ${message.from}`); // no trickle ICE; a bye needs no action here
     }
+  }
+
+  // aiortc does no trickle ICE: a description it receives must carry every candidate.
+  function gathered(pc) {
+    const complete = new Promise((resolve) => {
+      if (pc.iceGatheringState === "complete") return resolve();
+      pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
+    });
+    return withTimeout(complete, GATHER_TIMEOUT_MS, "ICE gathering");
+  }
+
+  function newLink(peer) {
+    state.link = new Link(peer);
+    state.wakeLinkWaiters();
+    return state.link;
   }
 
   async function onOffer(sender, payload) {
@@ -703,21 +720,11 @@
       log(`${sender} offered a new link; replacing the one we hold`);
       state.link.close();
     }
-    const link = new Link(sender);
-    state.link = link;
-    state.wakeLinkWaiters();
+    const link = newLink(sender);
     try {
       await link.pc.setRemoteDescription({ type: "offer", sdp });
       await link.pc.setLocalDescription(await link.pc.createAnswer());
-      // The volunteer client does no trickle ICE: the answer carries every candidate.
-      await withTimeout(
-        new Promise((resolve) => {
-          if (link.pc.iceGatheringState === "complete") return resolve();
-          link.pc.addEventListener("icegatheringstatechange", () => link.pc.iceGatheringState === "complete" && resolve());
-        }),
-        GATHER_TIMEOUT_MS,
-        "ICE gathering",
-      );
+      await gathered(link.pc);
       const answer = loopbackOnly(link.pc.localDescription.sdp);
       sendSignal(sender, "answer", await signDescription(sender, "answer", answer));
       log(`answered ${sender}`);
@@ -725,6 +732,37 @@
       log(`could not answer ${sender}: ${error.message}`);
       state.errors.push(String(error.message));
     }
+  }
+
+  async function onAnswer(sender, payload) {
+    const waiting = state.awaitingAnswer;
+    if (!waiting || waiting.peer !== sender) return log(`dropped an answer from ${sender}: no offer of ours waits`);
+    try {
+      const sdp = await verifyDescription(sender, "answer", payload);
+      state.awaitingAnswer = null;
+      waiting.resolve(sdp);
+    } catch (error) {
+      state.counters.signals_refused += 1;
+      state.refusedSignals.push(error.check || "error");
+      log(`refused an answer from ${sender}: ${error.message}`);
+    }
+  }
+
+  // Offers a new link to `peer`; resolves once both channels are open. Make before break: the old link
+  // stays up until then (the peer drops its side when it accepts the offer).
+  async function offer(peer) {
+    const old = state.link;
+    const link = newLink(peer);
+    await link.pc.setLocalDescription(await link.pc.createOffer());
+    await gathered(link.pc);
+    const sdp = loopbackOnly(link.pc.localDescription.sdp);
+    const answered = new Promise((resolve) => (state.awaitingAnswer = { peer, resolve }));
+    sendSignal(peer, "offer", await signDescription(peer, "offer", sdp));
+    log(`offered a link to ${peer}`);
+    await link.pc.setRemoteDescription({ type: "answer", sdp: await answered });
+    const opened = await link.opened;
+    if (old) old.close();
+    return opened;
   }
 
   // -- the test's handle ---------------------------------------------------------------------------------
@@ -737,6 +775,7 @@
     welcome: null,
     onWelcome: () => {},
     link: null,
+    awaitingAnswer: null,
     signals: Promise.resolve(),
     nonces: new Map(),
     received: [],
@@ -791,6 +830,10 @@
         return state.link.opened;
       };
       return withTimeout(linked(), timeoutMs, "an open link");
+    },
+
+    async offer(peer, timeoutMs) {
+      return withTimeout(offer(peer), timeoutMs, `a link offered to ${peer}`);
     },
 
     // The next `count` verified payloads (size and SHA-256 of each), in arrival order.
