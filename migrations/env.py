@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from hivewire_server.core.db import create_engine
+from hivewire_server.core.migrate import MIGRATION_LOCK_KEY
 from hivewire_server.models import Base
 
 target_metadata = Base.metadata
+log = logging.getLogger("hivewire.migrate")
+
+
+def _serialize_migrators(connection: Connection) -> None:
+    """PostgreSQL: hold a transaction-scoped advisory lock, so replicas that start together migrate one at a
+    time; the first one migrates, the others then read the new revision and find nothing to do. SQLite needs
+    none: it is the single-process default (replicas share PostgreSQL), so only one server migrates it."""
+    if connection.dialect.name != "postgresql":
+        return
+    query = "SELECT pg_try_advisory_xact_lock(:key)"
+    if not connection.execute(text(query), {"key": MIGRATION_LOCK_KEY}).scalar_one():
+        log.info("another server is migrating this database; waiting for it to finish")
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
 
 
 def _run(connection: Connection) -> None:
@@ -20,6 +36,8 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
     )
     with context.begin_transaction():
+        # Inside the migrations' transaction, before they read the current revision; released at commit.
+        _serialize_migrators(connection)
         context.run_migrations()
 
 

@@ -9,6 +9,10 @@ from alembic.config import Config
 
 import hivewire_server.migrations
 
+# PostgreSQL advisory lock key that serializes concurrent `migrate` runs (migrations/env.py): the ASCII bytes of
+# "hivewire" as one signed 64-bit integer, unlikely to collide with another application's keys.
+MIGRATION_LOCK_KEY = int.from_bytes(b"hivewire", "big")
+
 
 def alembic_config(database_url: str) -> Config:
     config = Config()

@@ -1,20 +1,25 @@
 """`hivewire-server`: the start-up sequence the container runs (wait for the database, migrate, serve),
 run here as real processes, and the administrative commands."""
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from hivewire_server.cli import main
+from hivewire_server.core.migrate import MIGRATION_LOCK_KEY
 from tests.conftest import PASSWORD, _postgres_admin, _postgres_url
 from tests.support import free_port
 
 SERVER = [sys.executable, "-m", "hivewire_server.cli"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for_health(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> httpx.Response:
@@ -70,3 +75,44 @@ def test_make_organizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
     with pytest.raises(SystemExit):
         main(["make-organizer", "nobody@example.org"])
     assert "no user with email nobody@example.org" in capsys.readouterr().err
+
+
+def test_replicas_starting_together_migrate_once(postgres_env: dict[str, str]) -> None:
+    """Two `migrate` processes at once on one PostgreSQL database: both wait on the advisory lock (held here
+    first, so they surely overlap), then one applies the migrations and the other finds nothing to do."""
+    database = make_url(postgres_env["DATABASE_URL"]).database
+    env = {**postgres_env, "LOG_LEVEL": "INFO"}
+
+    async def run() -> list[subprocess.CompletedProcess[str]]:
+        holder = await asyncpg.connect(postgres_env["DATABASE_URL"])
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            processes = [
+                await asyncio.create_subprocess_exec(
+                    *SERVER, "migrate", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+                )
+                for _ in range(2)
+            ]
+            waiting_query = (
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = $1"
+            )
+            deadline = time.monotonic() + 30.0
+            while await holder.fetchval(waiting_query, database) < 2:
+                assert all(process.returncode is None for process in processes), "a migrate exited without waiting"
+                assert time.monotonic() < deadline, "the migrate processes never waited on the advisory lock"
+                await asyncio.sleep(0.05)
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+            outputs = [await process.communicate() for process in processes]
+            return [
+                subprocess.CompletedProcess(["migrate"], process.returncode or 0, out.decode(), err.decode())
+                for process, (out, err) in zip(processes, outputs, strict=True)
+            ]
+        finally:
+            await holder.close()
+
+    results = asyncio.run(run())
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
+    applied = [result.stderr.count("Running upgrade") for result in results]
+    assert sorted(applied) == [0, len(list((REPO / "migrations" / "versions").glob("0*.py")))], applied
+    assert all("another server is migrating this database" in result.stderr for result in results)
