@@ -1,0 +1,327 @@
+"""The tuned aiortc SCTP path (hivewire.mesh.tuning) proves: it refuses an aiortc it was not written for and
+can be switched off, leaving aiortc exactly as it was; lost DATA packets are still retransmitted (fast
+retransmit and T3) and payloads arrive bit-exact; delayed SACKs still acknowledge the last packet and are
+fewer than the packets they acknowledge; ICE sockets get the larger receive buffer; and a tuned peer and an
+untuned one exchange payloads both ways over hivewire Links.
+
+Tuning applies per transport instance (RTCPeerConnection builds the tuned subclass while it is active), so
+one process can hold a tuned and an untuned peer. Everything runs on 127.0.0.1 (conftest.py).
+"""
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aioice.turn
+import aiortc
+import aiortc.rtcpeerconnection
+import pytest
+from aiortc import RTCPeerConnection
+from aiortc.rtcsctptransport import RTCSctpTransport
+
+from hivewire.mesh import Link, LinkSettings, tuning
+from hivewire.mesh.tuning import (
+    ENV_SWITCH,
+    TUNED_AIORTC_VERSION,
+    UDP_RECEIVE_BUFFER_BYTES,
+    TunedSctpTransport,
+    apply_sctp_tuning,
+    remove_sctp_tuning,
+    sctp_tuning_active,
+)
+
+from .conftest import negotiate, new_pc
+
+DEADLINE_S = 30  # bound on any transfer here, so a stuck association fails the test instead of hanging it
+QUICK = LinkSettings(open_timeout_s=10)  # keepalives every 5 s: none lands inside a test's packet counts
+DATA, SACK = 0, 3  # SCTP chunk types; aiortc puts one chunk in each packet, right after the 12-byte header
+
+
+@pytest.fixture(autouse=True)
+def _untuned_around_each_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts and ends with aiortc untouched, whatever the environment says."""
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    remove_sctp_tuning()
+    yield
+    remove_sctp_tuning()
+
+
+def aiortc_state() -> tuple[object, int, dict[str, object]]:
+    """Everything the tuning could touch: the class RTCPeerConnection builds, aioice's buffer size, the base class."""
+    return aiortc.rtcpeerconnection.RTCSctpTransport, aioice.turn.UDP_SOCKET_BUFFER_SIZE, dict(vars(RTCSctpTransport))
+
+
+# --- switches ----------------------------------------------------------------------------------------------
+
+
+def test_apply_is_idempotent_and_remove_restores_aiortc_exactly() -> None:
+    before = aiortc_state()
+    assert apply_sctp_tuning() is True
+    assert sctp_tuning_active()
+    assert aiortc.rtcpeerconnection.RTCSctpTransport is TunedSctpTransport
+    assert aioice.turn.UDP_SOCKET_BUFFER_SIZE == UDP_RECEIVE_BUFFER_BYTES
+    assert dict(vars(RTCSctpTransport)) == before[2], "the tuning must subclass, never patch aiortc's class"
+    assert apply_sctp_tuning() is True  # a second call changes nothing and forgets no original
+    remove_sctp_tuning()
+    assert aiortc_state() == before
+    assert not sctp_tuning_active()
+    remove_sctp_tuning()  # a no-op when off
+    assert aiortc_state() == before
+
+
+def test_another_aiortc_version_leaves_aiortc_untouched_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(aiortc, "__version__", "1.17.0")
+    before = aiortc_state()
+    with caplog.at_level(logging.WARNING, logger=tuning.__name__):
+        assert apply_sctp_tuning() is False
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "1.17.0" in warnings[0].getMessage() and TUNED_AIORTC_VERSION in warnings[0].getMessage()
+    assert aiortc_state() == before
+    assert not sctp_tuning_active()
+
+
+def test_a_missing_internal_leaves_aiortc_untouched(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delattr(RTCSctpTransport, "_send_sack")
+    before = aiortc_state()
+    with caplog.at_level(logging.WARNING, logger=tuning.__name__):
+        assert apply_sctp_tuning() is False
+    assert [r.getMessage() for r in caplog.records if "_send_sack" in r.getMessage()], caplog.text
+    assert aiortc_state() == before
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "0", "false", " no "])
+def test_environment_switch_turns_tuning_off_and_back(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    before = aiortc_state()
+    assert apply_sctp_tuning() is True
+    monkeypatch.setenv(ENV_SWITCH, value)
+    assert apply_sctp_tuning() is False
+    assert aiortc_state() == before
+    monkeypatch.setenv(ENV_SWITCH, "on")
+    assert apply_sctp_tuning() is True
+
+
+def test_flag_switch_turns_tuning_off() -> None:
+    before = aiortc_state()
+    assert apply_sctp_tuning(enabled=False) is False
+    assert aiortc_state() == before
+    assert apply_sctp_tuning() is True
+    assert apply_sctp_tuning(enabled=False) is False
+    assert aiortc_state() == before
+
+
+def test_run_uses_uvloop_where_installed() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert tuning.run(loop_type()) is uvloop.Loop
+
+
+# --- links -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Wire:
+    """Spies on what one peer's SCTP hands to DTLS; optionally drops DATA packets on their way out."""
+
+    drop: Callable[[int, int], bool] = lambda tsn, times_sent: False
+    sent: dict[int, int] = field(default_factory=dict)  # DATA TSN -> transmissions, drops included
+    dropped: int = 0
+    sacks: int = 0
+
+    def install(self, pc: RTCPeerConnection) -> None:
+        dtls = pc.sctp.transport
+        send = dtls._send_data
+
+        async def send_data(data: bytes) -> None:
+            if len(data) >= 20 and data[12] == DATA:
+                tsn = int.from_bytes(data[16:20], "big")  # after type, flags and length
+                self.sent[tsn] = self.sent.get(tsn, 0) + 1
+                if self.drop(tsn, self.sent[tsn]):
+                    self.dropped += 1
+                    return
+            elif len(data) > 12 and data[12] == SACK:
+                self.sacks += 1
+            await send(data)
+
+        dtls._send_data = send_data
+
+    @property
+    def retransmissions(self) -> int:
+        return sum(count - 1 for count in self.sent.values())
+
+
+@dataclass
+class Pair:
+    a: Link
+    b: Link
+    pc_a: RTCPeerConnection
+    pc_b: RTCPeerConnection
+
+
+async def open_pair(tuned_a: bool, tuned_b: bool) -> Pair:
+    """Two open links; each side's SCTP transport is tuned or not as asked (tuning is per instance)."""
+    pcs, links = [], []
+    for tuned, peer in ((tuned_a, "b"), (tuned_b, "a")):
+        apply_sctp_tuning(enabled=tuned)
+        pcs.append(new_pc())
+        links.append(Link(pcs[-1], peer=peer, settings=QUICK))  # creating its channels builds the SCTP transport
+    remove_sctp_tuning()
+    (pc_a, pc_b), (a, b) = pcs, links
+    assert isinstance(pc_a.sctp, TunedSctpTransport) is tuned_a
+    assert isinstance(pc_b.sctp, TunedSctpTransport) is tuned_b
+    try:
+        await negotiate(pc_a, pc_b)
+        await asyncio.gather(a.wait_open(), b.wait_open())
+    except BaseException:
+        await asyncio.gather(a.close(), b.close())
+        raise
+    return Pair(a, b, pc_a, pc_b)
+
+
+@pytest.fixture
+async def pairs() -> AsyncIterator[Callable[[bool, bool], object]]:
+    opened: list[Pair] = []
+
+    async def make(tuned_a: bool, tuned_b: bool) -> Pair:
+        pair = await open_pair(tuned_a, tuned_b)
+        opened.append(pair)
+        return pair
+
+    yield make
+    for pair in opened:
+        await asyncio.gather(pair.a.close(), pair.b.close())
+
+
+async def transfer(sender: Link, receiver: Link, data: bytes) -> None:
+    """Send one payload and check that what arrives has the same SHA-256."""
+    sending = asyncio.create_task(sender.send_payload(data))
+    _, received = await asyncio.wait_for(receiver.recv_payload(), DEADLINE_S)
+    await asyncio.wait_for(sending, DEADLINE_S)
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def acknowledged(pc: RTCPeerConnection) -> None:
+    """Wait until every DATA chunk this side sent has been acknowledged."""
+    async with asyncio.timeout(DEADLINE_S):
+        sctp = pc.sctp
+        while sctp._data_channel_queue or sctp._outbound_queue or sctp._sent_queue:  # noqa: ASYNC110 - no event
+            await asyncio.sleep(0.01)
+
+
+async def test_lost_data_packets_are_retransmitted_and_the_payload_arrives_bit_exact(pairs) -> None:
+    pair = await pairs(True, True)
+    chance = random.Random(8)  # fixed seed: the same packets are lost on every run
+    wire = Wire(drop=lambda tsn, times_sent: times_sent == 1 and chance.random() < 0.03)
+    wire.install(pair.pc_a)
+    await transfer(pair.a, pair.b, os.urandom(3 * 2**20))
+    assert wire.dropped > 20
+    assert wire.retransmissions >= wire.dropped
+
+
+async def test_a_lost_last_packet_is_retransmitted_when_t3_expires(pairs) -> None:
+    """Nothing follows the lost packet, so no SACK reports a gap: only the T3 timer can recover it."""
+    pair = await pairs(True, True)
+    first_data = [True]
+
+    def drop_first(tsn: int, times_sent: int) -> bool:
+        if first_data[0]:
+            first_data[0] = False
+            return True
+        return False
+
+    await transfer(pair.a, pair.b, b"warm-up: gives the sender an RTT, so its RTO is the 1 s minimum, not 3 s")
+    await acknowledged(pair.pc_a)
+    wire = Wire(drop=drop_first)
+    wire.install(pair.pc_a)
+    await transfer(pair.a, pair.b, b"the only packet of this payload")
+    await acknowledged(pair.pc_a)
+    assert wire.dropped == 1
+    assert wire.retransmissions >= 1
+
+
+async def test_delayed_sack_still_acknowledges_the_last_packet(pairs) -> None:
+    pair = await pairs(True, True)
+    deferred: list[bool] = []
+    sack = pair.pc_b.sctp._send_sack
+
+    async def watched_sack() -> None:
+        await sack()
+        deferred.append(pair.pc_b.sctp._sack_needed)  # still needed: the SACK was left to the timer
+
+    pair.pc_b.sctp._send_sack = watched_sack
+    await acknowledged(pair.pc_a)
+    wire_a, wire_b = Wire(), Wire()
+    wire_a.install(pair.pc_a)
+    wire_b.install(pair.pc_b)
+    deferred.clear()
+    pair.a.send_control({"type": "ping", "nonce": 1})
+    await acknowledged(pair.pc_a)
+    assert sum(wire_a.sent.values()) == 1 and wire_a.retransmissions == 0, "acknowledged without a T3 retransmit"
+    assert wire_b.sacks == 1
+    assert deferred[0] is True, "a single in-order packet is not acknowledged at once"
+
+
+def test_sacks_cover_several_packets_and_ice_sockets_get_the_larger_buffer() -> None:
+    """Under uvloop (the network process's loop) a burst is acknowledged every few packets, not each one."""
+    pytest.importorskip("uvloop")
+
+    async def burst(tuned: bool) -> tuple[Wire, Wire, list[int]]:
+        if tuned:
+            apply_sctp_tuning()  # stays on through negotiation: aioice sizes the buffers when it gathers
+        pc_a, pc_b = new_pc(), new_pc()
+        a, b = Link(pc_a, peer="b", settings=QUICK), Link(pc_b, peer="a", settings=QUICK)
+        try:
+            await negotiate(pc_a, pc_b)
+            remove_sctp_tuning()
+            await asyncio.gather(a.wait_open(), b.wait_open())
+            sender, receiver = Wire(), Wire()
+            sender.install(pc_a)
+            receiver.install(pc_b)
+            await transfer(a, b, os.urandom(2**20))
+            await acknowledged(pc_a)
+            buffers = [
+                protocol.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                for pc in (pc_a, pc_b)
+                for protocol in pc.sctp.transport.transport._connection._protocols
+            ]
+            return sender, receiver, buffers
+        finally:
+            await asyncio.gather(a.close(), b.close())
+
+    untuned_data, untuned_acks, untuned_buffers = tuning.run(burst(tuned=False))
+    tuned_data, tuned_acks, tuned_buffers = tuning.run(burst(tuned=True))
+    assert untuned_acks.sacks >= 0.9 * len(untuned_data.sent), "aiortc acknowledges each packet"
+    assert len(tuned_data.sent) > 800  # 1 MiB in 1,189-byte packets (plus a few records)
+    assert tuned_acks.sacks <= len(tuned_data.sent) / 3
+
+    rmem_max = Path("/proc/sys/net/core/rmem_max")
+    if not rmem_max.exists():
+        pytest.skip("receive buffer sizes are checked against Linux's rmem_max")
+    cap = int(rmem_max.read_text())
+    # Linux grants min(asked, rmem_max) and reports twice that.
+    assert set(tuned_buffers) == {2 * min(UDP_RECEIVE_BUFFER_BYTES, cap)}
+    assert set(untuned_buffers) == {2 * min(262144, cap)}
+
+
+async def test_tuned_and_untuned_peers_exchange_payloads_both_ways(pairs) -> None:
+    for tuned_a, tuned_b in ((True, False), (False, True)):
+        pair = await pairs(tuned_a, tuned_b)
+        forth, back = os.urandom(3 * 2**20 + 17), os.urandom(2 * 2**20 + 5)
+        await asyncio.gather(transfer(pair.a, pair.b, forth), transfer(pair.b, pair.a, back))
+        pair.a.send_control({"type": "ping", "nonce": 2})
+        pair.b.send_control({"type": "ping", "nonce": 3})
+        await asyncio.gather(acknowledged(pair.pc_a), acknowledged(pair.pc_b))
+        assert pair.a.stats.frames_refused == pair.b.stats.frames_refused == 0

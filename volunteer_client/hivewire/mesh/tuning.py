@@ -1,0 +1,316 @@
+"""Tuned aiortc SCTP: every adjustment that makes the data channel fast, in one place, without forking aiortc.
+
+Untuned, aiortc moves ~22 MB/s at 100% of a core: ~45 µs of Python per 1,189-byte packet, one SACK per DATA
+packet, an O(in-flight) scan on every transmit and a burst limit that collapses the window once SACKs are
+delayed (shared/notes/webrtc-field-notes.md, "How far aiortc goes when tuned"). This module changes, for the
+peer connections created while it is active:
+
+1. ``_transmit`` scans the sent queue for chunks to retransmit only after an event that can mark one (a SACK
+   reporting gaps, a T3 expiry), not on every call. Retransmission itself is unchanged.
+2. The burst limit allows ``MAX_BURST_PACKETS`` new packets per transmit instead of 4, so a SACK that
+   acknowledges several packets refills the window; fast recovery keeps aiortc's 2. New data also stays
+   within the peer's advertised receive window (RFC 9260 6.1 A), which aiortc ignores.
+3. Delayed SACK: a SACK every ``SACK_EVERY_PACKETS`` DATA chunks, or once the packets already received have
+   been handled (at most ``SACK_DELAY_S`` later), and at once on a gap, a duplicate or a FORWARD TSN.
+   Because the delay ends when the inbound backlog is drained, a peer whose burst limit is aiortc's 4
+   packets still gets a SACK for every burst and never waits on the timer.
+4. Initial congestion window ``INITIAL_CWND_BYTES`` (1 MiB) and advertised receive window
+   ``RECEIVE_WINDOW_BYTES`` (8 MiB).
+5. UDP receive buffer of ICE and TURN sockets ``UDP_RECEIVE_BUFFER_BYTES`` (4 MiB; aioice asks 256 KiB).
+
+And :func:`run` / :func:`new_event_loop` give the network process uvloop, the largest single gain.
+
+Nothing here is visible on the wire except timing: packet size stays aiortc's internet-safe 1,189 bytes, and
+tuned and untuned peers (and browsers) interoperate. The SCTP changes apply per transport instance: a
+subclass of ``RTCSctpTransport`` is what ``RTCPeerConnection`` constructs while tuning is active. The code
+was written against aiortc ``TUNED_AIORTC_VERSION``; any other version leaves aiortc untouched with a
+warning. ``HIVEWIRE_SCTP_TUNING=off`` (or ``apply_sctp_tuning(False)``) turns it all off.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import aioice.turn
+import aiortc
+import aiortc.rtcpeerconnection
+import aiortc.rtcsctptransport
+from aiortc.rtcsctptransport import DataChunk, ForwardTsnChunk, RTCSctpTransport, SackChunk, uint32_gt
+
+logger = logging.getLogger(__name__)
+
+TUNED_AIORTC_VERSION = "1.16.0"
+ENV_SWITCH = "HIVEWIRE_SCTP_TUNING"
+_OFF_VALUES = frozenset({"off", "0", "false", "no"})
+_ON_VALUES = frozenset({"", "on", "1", "true", "yes"})
+
+MAX_BURST_PACKETS = 32  # new packets per transmit call; aiortc allows flight + 4
+FAST_RECOVERY_BURST_PACKETS = 2  # as aiortc: during fast recovery the window must shrink
+SACK_EVERY_PACKETS = 8  # DATA chunks acknowledged per SACK when packets arrive back to back
+SACK_DELAY_S = 0.002  # longest a SACK waits for more packets; far below the 1 s minimum RTO
+INITIAL_CWND_BYTES = 1 * 2**20
+RECEIVE_WINDOW_BYTES = 8 * 2**20
+UDP_RECEIVE_BUFFER_BYTES = 4 * 2**20
+
+# What the tuning replaces or relies on; a missing one means this aiortc is not the one it was written for.
+_SCTP_METHODS = (
+    "_transmit",
+    "_send_sack",
+    "_send_chunk",
+    "_receive_data_chunk",
+    "_receive_forward_tsn_chunk",
+    "_receive_sack_chunk",
+    "_t3_expired",
+    "_t3_restart",
+    "_t3_start",
+    "_set_state",
+    "_flight_size_increase",
+)
+_MODULE_ATTRIBUTES = (
+    (aiortc.rtcpeerconnection, "RTCSctpTransport"),
+    (aiortc.rtcsctptransport, "USERDATA_MAX_LENGTH"),
+    (aioice.turn, "UDP_SOCKET_BUFFER_SIZE"),
+)
+
+_T = TypeVar("_T")
+
+
+class TunedSctpTransport(RTCSctpTransport):
+    """aiortc's SCTP transport with the changes listed in the module docstring; same wire format."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cwnd = INITIAL_CWND_BYTES
+        self._advertised_rwnd = RECEIVE_WINDOW_BYTES
+        self._peer_rwnd: int | None = None  # a_rwnd of the peer's latest SACK; unknown until the first one
+        self._retransmit_possible = False  # set by the events that can mark a chunk for retransmission
+        self._unacked_packets = 0  # DATA chunks received since our last SACK
+        self._sack_now = False  # something arrived that the peer must hear about without delay
+        self._sack_timer: asyncio.TimerHandle | None = None
+        self._sack_tasks: set[asyncio.Task[None]] = set()
+
+    # --- sender ------------------------------------------------------------------------------------------
+
+    async def _receive_sack_chunk(self, chunk: SackChunk) -> None:
+        if not uint32_gt(self._last_sacked_tsn, chunk.cumulative_tsn):  # aiortc ignores stale SACKs too
+            self._peer_rwnd = chunk.advertised_rwnd
+            if chunk.gaps:  # only gap reports strike chunks for fast retransmission
+                self._retransmit_possible = True
+        await super()._receive_sack_chunk(chunk)
+
+    def _t3_expired(self) -> None:
+        self._retransmit_possible = True
+        super()._t3_expired()
+
+    async def _transmit(self) -> None:
+        """aiortc's _transmit without the per-call retransmit scan and with a burst limit that keeps the window."""
+        if self._forward_tsn_chunk is not None:
+            await self._send_chunk(self._forward_tsn_chunk)
+            self._forward_tsn_chunk = None
+            if not self._t3_handle:
+                self._t3_start()
+
+        mtu = aiortc.rtcsctptransport.USERDATA_MAX_LENGTH
+        burst = FAST_RECOVERY_BURST_PACKETS if self._fast_recovery_exit is not None else MAX_BURST_PACKETS
+        cwnd = min(self._flight_size + burst * mtu, self._cwnd)
+
+        if self._retransmit_possible:
+            self._retransmit_possible = False  # cleared first: an event during a send may set it again
+            retransmit_earliest = True
+            for chunk in self._sent_queue:
+                if chunk._retransmit:
+                    if self._fast_recovery_transmit:
+                        self._fast_recovery_transmit = False
+                    elif self._flight_size >= cwnd:
+                        self._retransmit_possible = True  # what is left goes out on the next SACK
+                        return
+                    self._flight_size_increase(chunk)
+                    chunk._misses = 0
+                    chunk._retransmit = False
+                    chunk._sent_count += 1
+                    await self._send_chunk(chunk)
+                    if retransmit_earliest:
+                        self._t3_restart()
+                retransmit_earliest = False
+
+        # The peer's window bounds new data (one chunk may probe a closed window when nothing is in flight).
+        if self._peer_rwnd is not None and self._flight_size > 0:
+            cwnd = min(cwnd, self._peer_rwnd)
+        now = time.time()  # the clock aiortc's RTO estimate reads; once per call, not per chunk
+        while self._outbound_queue and self._flight_size < cwnd:
+            chunk = self._outbound_queue.popleft()
+            self._sent_queue.append(chunk)
+            self._flight_size_increase(chunk)
+            chunk._sent_count += 1
+            chunk._sent_time = now
+            await self._send_chunk(chunk)
+            if not self._t3_handle:
+                self._t3_start()
+
+    # --- receiver ----------------------------------------------------------------------------------------
+
+    async def _receive_data_chunk(self, chunk: DataChunk) -> None:
+        self._unacked_packets += 1
+        await super()._receive_data_chunk(chunk)
+
+    async def _receive_forward_tsn_chunk(self, chunk: ForwardTsnChunk) -> None:
+        self._sack_now = True
+        await super()._receive_forward_tsn_chunk(chunk)
+
+    async def _send_sack(self) -> None:
+        """Send now when due; otherwise leave ``_sack_needed`` set and let the timer send it."""
+        due = (
+            self._sack_now
+            or self._unacked_packets >= SACK_EVERY_PACKETS
+            or self._sack_misordered  # a gap: the sender needs it for fast retransmit
+            or self._sack_duplicates  # our earlier SACK may have been lost
+            or self._advertised_rwnd < RECEIVE_WINDOW_BYTES // 2
+            or self._association_state != self.State.ESTABLISHED
+        )
+        if not due:
+            if self._sack_timer is None:
+                self._sack_timer = asyncio.get_running_loop().call_later(SACK_DELAY_S, self._sack_timer_expired)
+            return
+        self._cancel_sack_timer()
+        self._unacked_packets = 0
+        self._sack_now = False
+        await super()._send_sack()
+
+    def _sack_timer_expired(self) -> None:
+        self._sack_timer = None
+        task = asyncio.get_running_loop().create_task(self._send_delayed_sack())
+        self._sack_tasks.add(task)
+        task.add_done_callback(self._sack_tasks.discard)
+
+    async def _send_delayed_sack(self) -> None:
+        if not self._sack_needed or self._association_state == self.State.CLOSED:
+            return
+        self._sack_now = True
+        try:
+            await self._send_sack()
+        except ConnectionError as exc:  # DTLS closed under us: the association is going away anyway
+            logger.debug("delayed SACK not sent: %s", exc)
+
+    def _cancel_sack_timer(self) -> None:
+        if self._sack_timer is not None:
+            self._sack_timer.cancel()
+            self._sack_timer = None
+
+    def _set_state(self, state: RTCSctpTransport.State) -> None:
+        if state == self.State.CLOSED:
+            self._cancel_sack_timer()
+        super()._set_state(state)
+
+
+_saved: dict[str, Any] = {}  # what apply_sctp_tuning replaced, while tuning is active
+
+
+def _switched_off_by_environment() -> bool:
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value in _OFF_VALUES:
+        return True
+    if value not in _ON_VALUES:
+        logger.warning("%s=%r is neither on nor off; SCTP tuning stays on", ENV_SWITCH, value)
+    return False
+
+
+def _incompatibility() -> str | None:
+    """Why this aiortc cannot be tuned safely, or None when it can."""
+    installed = getattr(aiortc, "__version__", "unknown")
+    if installed != TUNED_AIORTC_VERSION:
+        return f"aiortc {installed} is installed, the tuning was written for {TUNED_AIORTC_VERSION}"
+    missing = [name for name in _SCTP_METHODS if not callable(getattr(RTCSctpTransport, name, None))]
+    missing += [f"{module.__name__}.{name}" for module, name in _MODULE_ATTRIBUTES if not hasattr(module, name)]
+    if missing:
+        return f"aiortc {installed} lacks {', '.join(missing)}"
+    return None
+
+
+def _receive_buffer_accepted() -> bool:
+    """Whether this OS takes a UDP receive buffer of UDP_RECEIVE_BUFFER_BYTES (aioice drops a socket that fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER_BYTES)
+        except OSError as exc:
+            logger.warning(
+                "UDP receive buffer of %d bytes refused (%s); keeping aioice's", UDP_RECEIVE_BUFFER_BYTES, exc
+            )
+            return False
+        granted = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < UDP_RECEIVE_BUFFER_BYTES:  # Linux reports twice what it grants
+        logger.warning(
+            "UDP receive buffer capped at %d bytes (asked %d); datagrams may drop at full speed. On Linux raise "
+            "the cap with: sysctl -w net.core.rmem_max=%d",
+            granted,
+            UDP_RECEIVE_BUFFER_BYTES,
+            UDP_RECEIVE_BUFFER_BYTES,
+        )
+    return True
+
+
+def apply_sctp_tuning(enabled: bool = True) -> bool:
+    """Make peer connections created from now on use the tuned SCTP transport; True when tuning is active.
+
+    Idempotent. ``enabled=False``, ``HIVEWIRE_SCTP_TUNING=off`` or an aiortc other than
+    ``TUNED_AIORTC_VERSION`` leave (or put) aiortc untouched and return False. Connections that exist keep
+    the transport they were built with.
+    """
+    if not enabled or _switched_off_by_environment():
+        if sctp_tuning_active():
+            remove_sctp_tuning()
+        logger.info("SCTP tuning off (%s)", "disabled by setting" if not enabled else f"{ENV_SWITCH}=off")
+        return False
+    if sctp_tuning_active():
+        return True
+    problem = _incompatibility()
+    if problem is not None:
+        logger.warning("SCTP tuning off: %s; data channels run at aiortc's default speed", problem)
+        return False
+    _saved["RTCSctpTransport"] = aiortc.rtcpeerconnection.RTCSctpTransport
+    aiortc.rtcpeerconnection.RTCSctpTransport = TunedSctpTransport  # type: ignore[misc]
+    if _receive_buffer_accepted():
+        _saved["UDP_SOCKET_BUFFER_SIZE"] = aioice.turn.UDP_SOCKET_BUFFER_SIZE
+        aioice.turn.UDP_SOCKET_BUFFER_SIZE = UDP_RECEIVE_BUFFER_BYTES
+    logger.info(
+        "SCTP tuning on for aiortc %s: burst %d packets, SACK every %d packets, cwnd %d KiB, rwnd %d KiB, "
+        "UDP receive buffer %d KiB",
+        TUNED_AIORTC_VERSION,
+        MAX_BURST_PACKETS,
+        SACK_EVERY_PACKETS,
+        INITIAL_CWND_BYTES // 1024,
+        RECEIVE_WINDOW_BYTES // 1024,
+        aioice.turn.UDP_SOCKET_BUFFER_SIZE // 1024,
+    )
+    return True
+
+
+def remove_sctp_tuning() -> None:
+    """Put back exactly what apply_sctp_tuning replaced; a no-op when tuning is not active."""
+    if "RTCSctpTransport" in _saved:
+        aiortc.rtcpeerconnection.RTCSctpTransport = _saved.pop("RTCSctpTransport")  # type: ignore[misc]
+    if "UDP_SOCKET_BUFFER_SIZE" in _saved:
+        aioice.turn.UDP_SOCKET_BUFFER_SIZE = _saved.pop("UDP_SOCKET_BUFFER_SIZE")
+
+
+def sctp_tuning_active() -> bool:
+    """Whether peer connections created now get the tuned SCTP transport."""
+    return aiortc.rtcpeerconnection.RTCSctpTransport is TunedSctpTransport
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop where uvloop is installed (it nearly doubles aiortc's throughput), else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(coro)`` on :func:`new_event_loop`; what the network process runs its main coroutine with."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
