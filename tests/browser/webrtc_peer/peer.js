@@ -664,7 +664,11 @@
   }
 
   function onSignalingMessage(event) {
-    if (typeof event.data !== "string" || event.data.length > MAX_INCOMING_SIGNALING_BYTES) {
+    if (
+      typeof event.data !== "string" ||
+      event.data.length > MAX_INCOMING_SIGNALING_BYTES ||
+      encoder.encode(event.data).length > MAX_INCOMING_SIGNALING_BYTES
+    ) {
       state.counters.signals_refused += 1;
       return log("dropped a signaling message: not text, or too large");
     }
