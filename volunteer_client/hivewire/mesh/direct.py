@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import ssl
 import struct
 import tempfile
@@ -70,12 +71,13 @@ class DirectSettings:
     connect_timeout_s: float = 2.0  # per address tried, TCP connect
     handshake_timeout_s: float = 5.0  # preamble, TLS handshake and the READY byte
     write_buffer_bytes: int = 4 * 2**20  # the sender waits while more than this is queued on the socket
+    stall_timeout_s: float = 20.0  # a write that makes no progress this long drops the stream (dead network)
     redial_after_s: float = 30.0  # after a direct stream dropped, the first dialer tries again this much later
 
     def __post_init__(self) -> None:
         if not (0 <= self.port_min <= self.port_max <= 65535):
             raise ValueError(f"need 0 <= port_min <= port_max <= 65535, got {self.port_min}..{self.port_max}")
-        if self.connect_timeout_s <= 0 or self.handshake_timeout_s <= 0 or self.write_buffer_bytes <= 0:
+        if min(self.connect_timeout_s, self.handshake_timeout_s, self.stall_timeout_s, self.write_buffer_bytes) <= 0:
             raise ValueError(f"direct timeouts and buffer must be positive, got {self}")
         for address in (*(self.listen_addresses or ()), *self.advertise_addresses):
             ipaddress.ip_address(address)  # ValueError names a bad literal now, not at the first link
@@ -168,14 +170,17 @@ class DirectStream:
         write_buffer_bytes: int,
         on_frame: Callable[["DirectStream", bytes], None],
         on_closed: Callable[["DirectStream", str], None],
+        stall_timeout_s: float,
     ) -> None:
         self.peer = peer
         self.closed_reason: str | None = None
+        self.frames_received = 0
         self._reader = reader
         self._writer = writer
         self._max_frame_bytes = max_frame_bytes
         self._on_frame = on_frame
         self._on_closed = on_closed
+        self._stall_timeout_s = stall_timeout_s
         writer.transport.set_write_buffer_limits(high=write_buffer_bytes)
         self._reading = asyncio.get_running_loop().create_task(self._read(), name=f"hivewire-direct-{peer}")
 
@@ -191,16 +196,28 @@ class DirectStream:
             self._writer.write(LENGTH.pack(len(frame)))
             self._writer.write(frame)
             try:
-                await self._writer.drain()
+                async with asyncio.timeout(self._stall_timeout_s):
+                    await self._writer.drain()
+            except TimeoutError as exc:
+                self.abort(f"no write progress for stall_timeout_s={self._stall_timeout_s}")
+                raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
             except (ConnectionError, OSError, RuntimeError) as exc:
                 self.abort(f"write failed: {type(exc).__name__}: {exc}")
                 raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
 
     def abort(self, reason: str) -> None:
-        """Close now (the reader task ends too) and report ``reason`` once."""
+        """Close now with a reset, dropping what is queued (the reader task ends too); report ``reason`` once.
+
+        A reset rather than a graceful close: the peer must not take a half-sent tail for a clean end, and
+        whatever was queued is sent again over the data channel anyway.
+        """
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._writer.transport.abort()
         if self._reading is not asyncio.current_task():
             self._reading.cancel()
@@ -221,7 +238,9 @@ class DirectStream:
                         f"refused a frame length of {size} bytes, expected {HEADER.size}..{self._max_frame_bytes}"
                     )
                     return
-                self._on_frame(self, await self._reader.readexactly(size))
+                frame = await self._reader.readexactly(size)
+                self.frames_received += 1
+                self._on_frame(self, frame)
         except asyncio.IncompleteReadError:
             self.abort("the peer closed the stream")
         except (ConnectionError, OSError, ssl.SSLError) as exc:
@@ -351,9 +370,19 @@ class DirectSession:
         self._peer_token: bytes | None = None
         self._peer_addresses: list[tuple[str, int]] = []
         self._dialed = False
+        self._unreachable = False  # our last dial reached no address
         self._stream: DirectStream | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+
+    @property
+    def state(self) -> str:
+        """``up``, ``refused`` (identity mismatch), ``unreachable`` (our dial failed), or ``trying``."""
+        if self._stream is not None:
+            return "up"
+        if self.refusal is not None:
+            return "refused"
+        return "unreachable" if self._unreachable else "trying"
 
     def start(self) -> None:
         """Announce our certificate, token and addresses; the peer's hello may already be on its way."""
@@ -418,10 +447,14 @@ class DirectSession:
             try:
                 await self._dial_one(host, port)
                 return
+            except ssl.SSLCertVerificationError as exc:
+                self._refuse(f"{host}:{port} presented a certificate other than the signed one: {exc}")
+                return
             except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
                 problems.append(f"{host}:{port}: {type(exc).__name__}: {exc}"[:200])
         if self._stream is not None or self._closing:
             return
+        self._unreachable = True
         logger.info("no direct path to %s (%s); bulk stays on WebRTC", self.peer, "; ".join(problems) or "no address")
         if report_failure:
             with contextlib.suppress(LinkError):
@@ -486,10 +519,12 @@ class DirectSession:
             peer=self.peer,
             max_frame_bytes=self._max_frame_bytes,
             write_buffer_bytes=self._settings.write_buffer_bytes,
+            stall_timeout_s=self._settings.stall_timeout_s,
             on_frame=self._on_frame,
             on_closed=self._stream_closed,
         )
         self._stream = stream
+        self._unreachable = False
         self.streams += 1
         logger.info("direct TLS path to %s is up (%s); bulk payloads move there", self.peer, how)
         self._on_stream(stream)

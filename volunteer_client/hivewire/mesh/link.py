@@ -193,6 +193,16 @@ class Link:
         return PATH_DIRECT if self._direct is not None else PATH_WEBRTC
 
     @property
+    def direct_state(self) -> str:
+        """The direct path's state: ``off`` (not offered here), ``trying``, ``up``, ``unreachable``, ``refused``."""
+        return self._direct_session.state if self._direct_session is not None else "off"
+
+    @property
+    def direct_stream(self) -> DirectStream | None:
+        """The direct stream bulk payloads use now (for tests and diagnostics; use send_payload to send)."""
+        return self._direct
+
+    @property
     def direct_refusal(self) -> str | None:
         """Why the peer's direct path was refused (its certificate is not the signed one), or None."""
         return self._direct_session.refusal if self._direct_session is not None else None
