@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import httpx
 import typer
@@ -16,6 +16,9 @@ import typer
 from hivewire.api import HivewireAPI
 from hivewire.config import ClientConfig, load_config
 from hivewire.errors import NO_CUDA_BUILD_ADVICE, DeviceUnavailable, HivewireError, NotSignedIn
+
+# `--server` of the commands that act on one server. Parentheses, not [brackets]: Typer reads those as markup.
+ServerOption = Annotated[str | None, typer.Option(help="Server URL (default: $HIVEWIRE_SERVER, else the last login)")]
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -34,7 +34,13 @@ def command(
         ),
     ] = None,
 ) -> None:
-    """Check whether this computer can take part in a run: server, ICE candidates, NAT, TURN relay, peers."""
+    """Check whether this computer can take part in a run: server, ICE candidates, NAT, TURN relay, peers.
+
+    Prints one line per check, with one sentence of advice where a check fails. Exits 0 when this computer
+    can train in the run (directly or through the TURN relay), 1 when it cannot.
+
+    Example: hivewire doctor https://hive.example.org/runs/tiny-lm
+    """
     server, slug = parse_run_url(run_url)
     config = resolve(ctx, server=server)
     server = config.server or server

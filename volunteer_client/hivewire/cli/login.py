@@ -26,7 +26,13 @@ def command(
         typer.Option(help="Store this API token (made on the server's Tokens page) instead; '-' reads it from stdin"),
     ] = None,
 ) -> None:
-    """Sign in to a Hivewire server and remember the API token (file mode 0600)."""
+    """Sign in to a Hivewire server and remember the API token (file mode 0600).
+
+    Prints a short code and opens the server's page to approve it in your browser; with --headless, open the
+    printed URL on any device. --token stores a token made on the server's Tokens page instead.
+
+    Example: hivewire login https://hive.example.org
+    """
     if token == "-":
         token = sys.stdin.readline(200)
     config = resolve(ctx, server=url, token=validate_token(token) if token is not None else None)

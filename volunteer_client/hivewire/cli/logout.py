@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
-from hivewire.cli._common import resolve
+from hivewire.cli._common import ServerOption, resolve
 from hivewire.config import CredentialStore
 from hivewire.errors import NotSignedIn
 
 
 def command(
     ctx: typer.Context,
-    server: Annotated[str | None, typer.Option(help="Server URL [default: $HIVEWIRE_SERVER or the last login]")] = None,
+    server: ServerOption = None,
 ) -> None:
-    """Remove the stored API token (revoke it on the server's Tokens page to disable it everywhere)."""
+    """Forget the API token this computer stored for a server.
+
+    The token stays valid on the server: revoke it on the server's Tokens page to disable it everywhere.
+    """
     config = resolve(ctx, server=server)
     if config.server is None:
         raise NotSignedIn("not signed in to any server")

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from hivewire._text import printable
-from hivewire.cli._common import open_api, resolve
+from hivewire.cli._common import ServerOption, open_api, resolve
 
 
 def command(
     ctx: typer.Context,
-    server: Annotated[str | None, typer.Option(help="Server URL [default: $HIVEWIRE_SERVER or the last login]")] = None,
+    server: ServerOption = None,
 ) -> None:
-    """List runs with their recipe and strategy."""
+    """List the runs you can see, with their recipe, strategy and the command that joins each."""
     config = resolve(ctx, server=server)
     with open_api(ctx, config) as api:
         runs = api.runs()

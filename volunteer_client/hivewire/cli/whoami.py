@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
 from hivewire._text import printable
-from hivewire.cli._common import open_api, resolve
+from hivewire.cli._common import ServerOption, open_api, resolve
 
 
 def command(
     ctx: typer.Context,
-    server: Annotated[str | None, typer.Option(help="Server URL [default: $HIVEWIRE_SERVER or the last login]")] = None,
+    server: ServerOption = None,
 ) -> None:
-    """Show the signed-in account."""
+    """Show the account the stored API token belongs to, as the server sees it."""
     config = resolve(ctx, server=server)
     with open_api(ctx, config, signed_in=True) as api:
         me = api.me()
