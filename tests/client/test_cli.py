@@ -237,6 +237,8 @@ def test_each_command_help_describes_it_and_every_option(name: str) -> None:
     command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
     assert command.help and len(command.help.split("\n\n")[0]) > 20, f"{name} has no real description"
     assert collapsed(command.help.split("\n\n")[0]) in page
+    # Rich keeps a line break inside a paragraph, so a wrapped docstring line would break mid-sentence on screen.
+    assert all("\n" not in paragraph.strip() for paragraph in command.help.split("\n\n")), name
     for parameter in command.params:
         if parameter.name == "help":
             continue

@@ -36,8 +36,9 @@ def command(
 ) -> None:
     """Check whether this computer can take part in a run: server, ICE candidates, NAT, TURN relay, peers.
 
-    Prints one line per check, with one sentence of advice where a check fails. Exits 0 when this computer
-    can train in the run (directly or through the TURN relay), 1 when it cannot.
+    Prints one line per check, with one sentence of advice where a check fails.
+
+    Exits 0 when this computer can train in the run (directly or through the TURN relay), 1 when it cannot.
 
     Example: hivewire doctor https://hive.example.org/runs/tiny-lm
     """

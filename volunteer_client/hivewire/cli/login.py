@@ -28,8 +28,9 @@ def command(
 ) -> None:
     """Sign in to a Hivewire server and remember the API token (file mode 0600).
 
-    Prints a short code and opens the server's page to approve it in your browser; with --headless, open the
-    printed URL on any device. --token stores a token made on the server's Tokens page instead.
+    Prints a short code and opens the page where you approve it (--headless: open the URL on any device).
+
+    --token stores a token made on the server's Tokens page instead.
 
     Example: hivewire login https://hive.example.org
     """

@@ -15,7 +15,7 @@ def command(
 ) -> None:
     """Forget the API token this computer stored for a server.
 
-    The token stays valid on the server: revoke it on the server's Tokens page to disable it everywhere.
+    The token stays valid on the server: revoke it on its Tokens page to disable it everywhere.
     """
     config = resolve(ctx, server=server)
     if config.server is None:
