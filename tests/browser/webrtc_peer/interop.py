@@ -46,6 +46,7 @@ from aiortc import RTCSctpTransport
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 
 from hivewire.api import HivewireAPI, JoinResponse
@@ -73,8 +74,8 @@ PAYLOAD_SIZES = (0, 1, 262_144 - HEADER.size, 3 * 262_124 + 5, 2 * 2**20 + 3, 4 
 SECOND_LINK_SIZES = (1, 1 * 2**20 + 1)
 CORRUPT_SIZE = 100_000
 CORRUPT_AT = 70_000  # inside the first chunk of a corrupt payload, after it was hashed
-# Chromium's WebRTC only ever sees loopback here (the namespace has nothing else); it has to be told to use it,
-# and to put addresses rather than mDNS names into its candidates.
+# Loopback is all the namespace has: Chromium leaves it out of ICE unless told, and would otherwise hide its
+# addresses behind mDNS names that aiortc cannot resolve.
 WEBRTC_FLAGS = ("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")
 TEST_SIGNALING = SignalingSettings(request_timeout_s=10.0, start_timeout_s=10.0)
 TEST_MESH = MeshSettings(max_neighbours=1, answer_timeout_s=STEP_TIMEOUT_S, link=LinkSettings(open_timeout_s=20.0))
@@ -184,6 +185,15 @@ class Page:
     async def call(self, method: str, *args: Any) -> Any:
         script = f"return await window.hivewire.{method}(...arguments)"
         return await asyncio.to_thread(self._driver.execute_script, script, *args)
+
+
+def page_log(driver: webdriver.Chrome) -> list[str]:
+    """What peer.js logged (signaling, refusals, link state), for the helper's log when a step failed."""
+    try:
+        lines = driver.execute_script("return window.hivewire ? window.hivewire.report().log : []")
+    except WebDriverException as exc:
+        return [f"(the page's log could not be read: {exc.msg})"]
+    return [str(line) for line in lines]
 
 
 def digest(data: bytes | bytearray) -> str:
@@ -390,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             driver.get(url)
             logger.info("Chromium on %s after %.1f s", url, time.monotonic() - started)
             work = exchange(server, jwks, aiortc, browser, Page(driver))
-            # The tuned network process runs on uvloop (tuning.run); the untuned one on asyncio's own loop.
-            result |= tuning.run(work) if args.tuned and tuning is not None else asyncio.run(work)
+            try:
+                # The tuned network process runs on uvloop (tuning.run); the untuned one on asyncio's own loop.
+                result |= tuning.run(work) if args.tuned and tuning is not None else asyncio.run(work)
+            except BaseException:
+                logger.error("the exchange failed; the page's own log:\n%s", "\n".join(page_log(driver)))
+                raise
             result["console"] = driver.get_log("browser")
     finally:
         server.stop()
