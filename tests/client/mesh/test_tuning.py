@@ -254,6 +254,7 @@ async def test_a_lost_last_packet_is_retransmitted_when_t3_expires(pairs) -> Non
 
 async def test_delayed_sack_still_acknowledges_the_last_packet(pairs) -> None:
     pair = await pairs(True, True)
+    assert pair.pc_a.sctp._peer_tuned and pair.pc_b.sctp._peer_tuned, "each saw the other's 8 MiB window"
     deferred: list[bool] = []
     sack = pair.pc_b.sctp._send_sack
 
@@ -319,9 +320,16 @@ def test_sacks_cover_several_packets_and_ice_sockets_get_the_larger_buffer() -> 
 async def test_tuned_and_untuned_peers_exchange_payloads_both_ways(pairs) -> None:
     for tuned_a, tuned_b in ((True, False), (False, True)):
         pair = await pairs(tuned_a, tuned_b)
-        forth, back = os.urandom(3 * 2**20 + 17), os.urandom(2 * 2**20 + 5)
+        wire_a, wire_b = Wire(), Wire()
+        wire_a.install(pair.pc_a)
+        wire_b.install(pair.pc_b)
+        forth, back = os.urandom(2 * 2**20 + 17), os.urandom(2**20 + 5)
         await asyncio.gather(transfer(pair.a, pair.b, forth), transfer(pair.b, pair.a, back))
         pair.a.send_control({"type": "ping", "nonce": 2})
         pair.b.send_control({"type": "ping", "nonce": 3})
         await asyncio.gather(acknowledged(pair.pc_a), acknowledged(pair.pc_b))
         assert pair.a.stats.frames_refused == pair.b.stats.frames_refused == 0
+        # The tuned side saw an untuned peer's window, so it acknowledges each packet, as aiortc expects.
+        tuned_pc, tuned_wire, untuned_wire = (pair.pc_a, wire_a, wire_b) if tuned_a else (pair.pc_b, wire_b, wire_a)
+        assert tuned_pc.sctp._peer_tuned is False
+        assert tuned_wire.sacks >= 0.9 * len(untuned_wire.sent)

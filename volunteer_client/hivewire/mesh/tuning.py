@@ -10,18 +10,22 @@ peer connections created while it is active:
 2. The burst limit allows ``MAX_BURST_PACKETS`` new packets per transmit instead of 4, so a SACK that
    acknowledges several packets refills the window; fast recovery keeps aiortc's 2. New data also stays
    within the peer's advertised receive window (RFC 9260 6.1 A), which aiortc ignores.
-3. Delayed SACK: a SACK every ``SACK_EVERY_PACKETS`` DATA chunks, or once the packets already received have
-   been handled (at most ``SACK_DELAY_S`` later), and at once on a gap, a duplicate or a FORWARD TSN.
-   Because the delay ends when the inbound backlog is drained, a peer whose burst limit is aiortc's 4
-   packets still gets a SACK for every burst and never waits on the timer.
-4. Initial congestion window ``INITIAL_CWND_BYTES`` (1 MiB) and advertised receive window
-   ``RECEIVE_WINDOW_BYTES`` (8 MiB).
+3. Delayed SACK, towards a tuned peer: a SACK every ``SACK_EVERY_PACKETS`` DATA chunks or ``SACK_DELAY_S``
+   after the first unacknowledged one, and at once on a gap, a duplicate or a FORWARD TSN.
+4. Advertised receive window ``RECEIVE_WINDOW_BYTES`` (8 MiB) and, towards a tuned peer, initial congestion
+   window ``INITIAL_CWND_BYTES`` (1 MiB).
 5. UDP receive buffer of ICE and TURN sockets ``UDP_RECEIVE_BUFFER_BYTES`` (4 MiB; aioice asks 256 KiB).
+
+A peer is tuned when its INIT announces a receive window of at least ``RECEIVE_WINDOW_BYTES`` (aiortc
+announces 1 MiB, browsers less than 8 MiB). Towards any other peer, SACKs go out per packet and the initial
+window is aiortc's: an untuned aiortc sender adds only 4 packets per SACK, so SACKs every 8 packets would
+shrink its flight to a few packets per timer tick, and a 1 MiB burst overflows an untuned receiver's 256 KiB
+socket buffer (aiortc's loss recovery then costs O(in-flight) per SACK on both sides).
 
 And :func:`run` / :func:`new_event_loop` give the network process uvloop, the largest single gain.
 
-Nothing here is visible on the wire except timing: packet size stays aiortc's internet-safe 1,189 bytes, and
-tuned and untuned peers (and browsers) interoperate. The SCTP changes apply per transport instance: a
+On the wire only timing and the announced window change: packet size stays aiortc's internet-safe 1,189 bytes,
+and tuned and untuned peers (and browsers) interoperate. The SCTP changes apply per transport instance: a
 subclass of ``RTCSctpTransport`` is what ``RTCPeerConnection`` constructs while tuning is active. The code
 was written against aiortc ``TUNED_AIORTC_VERSION``; any other version leaves aiortc untouched with a
 warning. ``HIVEWIRE_SCTP_TUNING=off`` (or ``apply_sctp_tuning(False)``) turns it all off.
@@ -52,7 +56,7 @@ MAX_BURST_PACKETS = 32  # new packets per transmit call; aiortc allows flight + 
 FAST_RECOVERY_BURST_PACKETS = 2  # as aiortc: during fast recovery the window must shrink
 SACK_EVERY_PACKETS = 8  # DATA chunks acknowledged per SACK when packets arrive back to back
 SACK_DELAY_S = 0.002  # longest a SACK waits for more packets; far below the 1 s minimum RTO
-INITIAL_CWND_BYTES = 1 * 2**20
+INITIAL_CWND_BYTES = 1 * 2**20  # towards a tuned peer; others get aiortc's initial window
 RECEIVE_WINDOW_BYTES = 8 * 2**20
 UDP_RECEIVE_BUFFER_BYTES = 4 * 2**20
 
@@ -84,12 +88,14 @@ class TunedSctpTransport(RTCSctpTransport):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._cwnd = INITIAL_CWND_BYTES
+        self._standard_cwnd = self._cwnd  # aiortc's initial window, for an untuned peer
+        self._cwnd = INITIAL_CWND_BYTES  # lowered at ESTABLISHED unless the peer is tuned
         self._advertised_rwnd = RECEIVE_WINDOW_BYTES
         self._peer_rwnd: int | None = None  # a_rwnd of the peer's latest SACK; unknown until the first one
         self._retransmit_possible = False  # set by the events that can mark a chunk for retransmission
         self._unacked_packets = 0  # DATA chunks received since our last SACK
         self._sack_now = False  # something arrived that the peer must hear about without delay
+        self._peer_tuned = False  # known at ESTABLISHED, from the window the peer's INIT announced
         self._sack_timer: asyncio.TimerHandle | None = None
         self._sack_tasks: set[asyncio.Task[None]] = set()
 
@@ -164,7 +170,8 @@ class TunedSctpTransport(RTCSctpTransport):
     async def _send_sack(self) -> None:
         """Send now when due; otherwise leave ``_sack_needed`` set and let the timer send it."""
         due = (
-            self._sack_now
+            not self._peer_tuned  # an untuned sender needs a SACK per packet to keep its window open
+            or self._sack_now
             or self._unacked_packets >= SACK_EVERY_PACKETS
             or self._sack_misordered  # a gap: the sender needs it for fast retransmit
             or self._sack_duplicates  # our earlier SACK may have been lost
@@ -201,7 +208,13 @@ class TunedSctpTransport(RTCSctpTransport):
             self._sack_timer = None
 
     def _set_state(self, state: RTCSctpTransport.State) -> None:
-        if state == self.State.CLOSED:
+        if state == self.State.ESTABLISHED and self._association_state != state:
+            peer_window = getattr(self, "_ssthresh", 0)  # aiortc keeps the peer's INIT a_rwnd as ssthresh
+            self._peer_tuned = peer_window >= RECEIVE_WINDOW_BYTES
+            if not self._peer_tuned:
+                self._cwnd = self._standard_cwnd
+            logger.debug("SCTP peer announces a %d-byte window: tuned peer %s", peer_window, self._peer_tuned)
+        elif state == self.State.CLOSED:
             self._cancel_sack_timer()
         super()._set_state(state)
 
