@@ -74,8 +74,10 @@ PAYLOAD_SIZES = (0, 1, 262_144 - HEADER.size, 3 * 262_124 + 5, 2 * 2**20 + 3, 4 
 SECOND_LINK_SIZES = (1, 1 * 2**20 + 1)
 CORRUPT_SIZE = 100_000
 CORRUPT_AT = 70_000  # inside the first chunk of a corrupt payload, after it was hashed
-# Loopback is all the namespace has: Chromium leaves it out of ICE unless told, and would otherwise hide its
-# addresses behind mDNS names that aiortc cannot resolve.
+# Loopback is all the namespace has: Chromium leaves it out of ICE unless told, and would hide addresses behind
+# mDNS names that aiortc cannot resolve. Without these two, Chromium 156's gathering never completes here. With
+# them its descriptions carry no host candidate; its checks come from its any-address socket, and aiortc learns
+# them as a peer-reflexive 127.0.0.1 candidate (the test checks both ends' selected pair).
 WEBRTC_FLAGS = ("--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns")
 TEST_SIGNALING = SignalingSettings(request_timeout_s=10.0, start_timeout_s=10.0)
 TEST_MESH = MeshSettings(max_neighbours=1, answer_timeout_s=STEP_TIMEOUT_S, link=LinkSettings(open_timeout_s=20.0))
