@@ -1,17 +1,22 @@
-"""Transport benchmark on loopback: what our framing costs on top of aiortc, and where aiortc stands.
+"""Transport benchmark on loopback: what our framing costs on top of aiortc, what the tuning gains, and where
+the direct TLS path stands.
 
 Prints one table, with baselines from the same run and ratios; it never asserts on time.
 
 * asyncio TCP, two processes: the ceiling of the machine;
 * raw aiortc: one pre-negotiated data channel, 262,144-byte messages, bufferedAmount backpressure, no
   framing or checksum: what our framing is measured against;
-* one hivewire Link (framing, SHA-256, credit, keepalive);
-* several Links at once in the same process pair.
+* aiortc untuned: one hivewire Link (framing, SHA-256, credit, keepalive) on stock aiortc and asyncio;
+* several untuned Links at once in the same process pair;
+* aiortc tuned (uvloop + SCTP): the same Link with hivewire.mesh.tuning in both processes (its target:
+  >= 2.5x untuned);
+* direct TLS link: two Links whose bulk payloads take the direct mutual-TLS TCP path (target >= 500 MB/s);
+  ``n/a`` when the installed client lacks it;
+* with ``--mixed``: one side tuned, the other not, as during an upgrade.
 
 Sender and receiver run in two processes: in one process aiortc runs at half speed (the two ends share a
 core; shared/notes/webrtc-field-notes.md). Host candidates are restricted to 127.0.0.1: nothing leaves
-loopback. Usage: ``python bench/transport.py [--mb 32] [--links 3] [--repeat 3]``.
-"""
+loopback. Usage: ``python bench/transport.py [--mb 32] [--links 3] [--repeat 3] [--mixed]``."""
 
 import argparse
 import asyncio
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import _links  # bench/_links.py: the direct-TLS Links between two processes, shared with bench/averaging.py
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 
 from hivewire.mesh import (
@@ -90,7 +96,12 @@ def receiver_main(conn: Connection, mode: str, links: int, total: int, tuned: bo
     # The sender closes first, so this side's links report their peer gone: expected, not worth a line.
     logging.basicConfig(level=logging.ERROR)
     restrict_host_addresses([LOOPBACK])
-    receiver = _tcp_receiver(conn, total) if mode == "tcp" else _rtc_receiver(conn, mode, links, total)
+    if mode == "tcp":
+        receiver = _tcp_receiver(conn, total)
+    elif mode == "direct":
+        receiver = _direct_receiver(conn, total)
+    else:
+        receiver = _rtc_receiver(conn, mode, links, total)
     if tuned and apply_sctp_tuning():
         tuning.run(receiver)
     else:
@@ -169,6 +180,20 @@ async def _rtc_receiver(conn: Connection, mode: str, count: int, total: int) -> 
         await closing.close()
 
 
+async def _direct_receiver(conn: Connection, total: int) -> None:
+    group = await _links.open_links(1, {0: conn}, host=LOOPBACK, path="direct-tls")
+    link = group.links["peer0"]
+    await _recv(conn)  # the sender's path is up too: go
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    received = 0
+    while received < total:
+        _, payload = await link.recv_payload()
+        received += len(payload)
+    conn.send((time.perf_counter() - t0, time.process_time() - cpu0))
+    await _recv(conn)
+    await group.close()
+
+
 # --- sender (this process) ---------------------------------------------------------------------------
 
 
@@ -194,6 +219,8 @@ def measure(row: Row) -> Result:
     try:
         if row.mode == "tcp":
             sender = _tcp_sender(parent, row.total)
+        elif row.mode == "direct":
+            sender = _direct_sender(parent, row.total)
         else:
             sender = _rtc_sender(parent, row.mode, row.links, row.total)
         if row.sender_tuned and apply_sctp_tuning():
@@ -246,6 +273,19 @@ async def _rtc_sender(conn: Connection, mode: str, count: int, total: int) -> fl
     cpu_s = time.process_time() - cpu0
     for closing in links or pcs:
         await closing.close()
+    return cpu_s
+
+
+async def _direct_sender(conn: Connection, total: int) -> float:
+    group = await _links.open_links(0, {1: conn}, host=LOOPBACK, path="direct-tls")
+    link = group.links["peer1"]
+    payload = os.urandom(min(PAYLOAD_BYTES, total))
+    conn.send("go")
+    cpu0 = time.process_time()
+    await _send_payloads(link, payload, total)
+    await asyncio.get_running_loop().run_in_executor(None, conn.poll, None)  # the receiver's report is in
+    cpu_s = time.process_time() - cpu0
+    await group.close()
     return cpu_s
 
 
@@ -309,6 +349,9 @@ def main() -> None:
         Row(f"aiortc untuned, Link x{args.links}", "link", args.links, total),
         Row("aiortc tuned (uvloop + SCTP)", "link", 1, total, sender_tuned=True, receiver_tuned=True),
     ]
+    direct_missing = _links.unavailable("direct-tls")
+    if direct_missing is None:
+        rows.append(Row("direct TLS link", "direct", 1, 16 * total))
     if args.mixed:
         rows += [
             Row("tuned sender, untuned recv", "link", 1, total, sender_tuned=True),
@@ -334,8 +377,15 @@ def main() -> None:
             f"{r.cpu_percent(r.receiver_cpu_s):>10.0f} {r.mb_per_s / tcp.mb_per_s:>8.3f} "
             f"{r.mb_per_s / raw.mb_per_s:>14.2f}"
         )
-    print(f"{'direct TLS link':<30} {'n/a (not built)':>9}")
+    if direct_missing is not None:
+        print(f"{'direct TLS link':<30} {direct_missing}")
     print(f"\ntuned / untuned aiortc: {tuned.mb_per_s / untuned.mb_per_s:.2f}x (target >= 2.5x)")
+    for r in results:
+        if r.name == "direct TLS link":
+            print(
+                f"direct TLS link: {r.mb_per_s:.0f} MB/s (target >= 500), {r.mb_per_s / tuned.mb_per_s:.1f}x tuned "
+                f"aiortc, {r.mb_per_s / tcp.mb_per_s:.2f}x plain TCP"
+            )
     link = untuned
     print(f"\nthroughput of one Link against raw aiortc: {100 * link.mb_per_s / raw.mb_per_s:.0f}% (target > 90%)")
     sample = os.urandom(64 * 2**20)
