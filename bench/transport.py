@@ -379,7 +379,14 @@ def main() -> None:
         )
     if direct_missing is not None:
         print(f"{'direct TLS link':<30} {direct_missing}")
-    print(f"\ntuned / untuned aiortc: {tuned.mb_per_s / untuned.mb_per_s:.2f}x (target >= 2.5x)")
+    per_mb = {
+        r.name: [1000 * cpu / (r.total_bytes / 1e6) for cpu in (r.sender_cpu_s, r.receiver_cpu_s)] for r in results
+    }
+    print(
+        f"\ntuned / untuned aiortc: {tuned.mb_per_s / untuned.mb_per_s:.2f}x (target >= 2.5x); CPU per MB sent "
+        f"{per_mb[tuned.name][0]:.0f} vs {per_mb[untuned.name][0]:.0f} ms, received {per_mb[tuned.name][1]:.0f} vs "
+        f"{per_mb[untuned.name][1]:.0f} ms (less sensitive to load than wall time)"
+    )
     for r in results:
         if r.name == "direct TLS link":
             print(
