@@ -47,6 +47,7 @@ LOOPBACK = "127.0.0.1"
 BIN = Path(sys.executable).parent
 PASSWORD = "overhead-bench-password"
 RATE = re.compile(r"^epoch (?P<epoch>\d+) \| loss [0-9.]+ \| local (?P<rate>\d+) samples/s")
+PEERS = re.compile(r"\| peers (?P<peers>\d+)")
 START_TIMEOUT_S = 60.0  # for the server to answer, for a volunteer's first epoch line
 LEAVE_TIMEOUT_S = 30.0  # from SIGINT to exit; then the process group is killed
 
@@ -76,6 +77,10 @@ class Child:
     def rates(self) -> list[tuple[int, float]]:
         """(epoch, cumulative samples/s) of every progress line so far."""
         return [(int(m["epoch"]), float(m["rate"])) for m in map(RATE.search, list(self.lines)) if m]
+
+    def peers(self) -> int:
+        """The most peers the volunteer's view held (0 for a local loop): proof that it had company."""
+        return max((int(m["peers"]) for m in map(PEERS.search, list(self.lines)) if m), default=0)
 
     def stop(self, sig: int = signal.SIGINT) -> None:
         """Signal the child, wait for it to leave, then kill its group so nothing is left behind."""
@@ -183,8 +188,9 @@ class Bench:
         command += ["--target-batch", str(self.args.target_batch), "--batch-size", str(self.args.batch_size)]
         return [Child.start(f"local-{index}", command, self.env) for index in range(2)]
 
-    def measure(self, children: list[Child], *, volunteers: bool) -> list[float]:
-        """Each child's samples/s: volunteers after --seconds past their first epoch, local loops at their exit."""
+    def measure(self, children: list[Child], *, volunteers: bool) -> tuple[list[float], int]:
+        """Each child's samples/s (volunteers after --seconds past their first epoch, local loops at their exit),
+        and the most peers any of them saw."""
         try:
             if volunteers:
                 deadline = time.monotonic() + START_TIMEOUT_S
@@ -201,15 +207,17 @@ class Bench:
         finally:
             for child in children:
                 child.stop()
-        return [child.rates()[-1][1] if child.rates() else float("nan") for child in children]
+        rates = [child.rates()[-1][1] if child.rates() else float("nan") for child in children]
+        return rates, max(child.peers() for child in children)
 
 
-def row(name: str, rates: list[float], local: float, alone: float) -> str:
+def row(name: str, measured: tuple[list[float], int], local: float, alone: float) -> str:
+    rates, peers = measured
     mean = sum(rates) / len(rates)
     each = " / ".join(f"{rate:.0f}" for rate in rates)
     ratio_local = f"{mean / local:.2f}" if local else "n/a"
     ratio_alone = f"{mean / alone:.2f}" if alone else "n/a"
-    return f"{name:<18} {each:>13} {mean:>10.0f} {ratio_local:>9} {ratio_alone:>9}"
+    return f"{name:<18} {each:>14} {mean:>8.0f} {ratio_local:>8} {ratio_alone:>8} {peers or '-':>6}"
 
 
 def main() -> int:
@@ -244,13 +252,13 @@ def main() -> int:
         finally:
             if bench.server is not None:
                 bench.server.stop(signal.SIGTERM)
-    local_mean, alone_mean = sum(local) / 2, sum(alone) / 2
+    local_mean, alone_mean = sum(local[0]) / 2, sum(alone[0]) / 2
     print()
     print(
         f"tiny-lm, dedloc, target batch {args.target_batch}, micro-batch {args.batch_size}, "
         f"compression {args.compression}, 2 processes per phase, 1 torch thread each"
     )
-    print(f"{'phase':<18} {'samples/s each':>13} {'mean':>10} {'/ local':>9} {'/ alone':>9}")
+    print(f"{'phase':<18} {'samples/s each':>14} {'mean':>8} {'/ local':>8} {'/ alone':>8} {'peers':>6}")
     print(row("local loop", local, local_mean, alone_mean))
     print(row("join, alone", alone, local_mean, alone_mean))
     print(row("join, together", together, local_mean, alone_mean))
