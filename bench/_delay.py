@@ -60,6 +60,8 @@ class DelayLine:
         self.queue = queue
         self.delay_s = delay_s
         self.delayed = 0
+        self.late_s = 0.0  # summed over packets: how much later than due each was accepted
+        self.max_late_s = 0.0
         self._seq = 0
         self._pending: collections.deque[tuple[float, int]] = collections.deque()
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -118,8 +120,10 @@ class DelayLine:
         now = time.monotonic()
         last = None
         while self._pending and self._pending[0][0] <= now:
-            last = self._pending.popleft()[1]
+            due, last = self._pending.popleft()
             self.delayed += 1
+            self.late_s += now - due
+            self.max_late_s = max(self.max_late_s, now - due)
         if last is not None:
             self._seq += 1
             verdict = _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, last))
@@ -153,7 +157,13 @@ def main() -> None:
     line = DelayLine(args.queue, args.delay_ms / 1000)
     print("ready", flush=True)
     line.serve(stop)
-    print(f"delayed {line.delayed} packets by {args.delay_ms:g} ms", file=sys.stderr, flush=True)
+    mean_late_ms = 1000 * line.late_s / max(line.delayed, 1)
+    print(
+        f"delay line: {line.delayed} packets delayed {args.delay_ms:g} ms, released late by "
+        f"{mean_late_ms:.2f} ms on average, {1000 * line.max_late_s:.1f} ms at most",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -204,6 +204,22 @@ class WanLab:
         if line.strip() != "ready":
             raise WanError(f"the delay line did not start (exit {self._delay.poll()}): {line!r}")
 
+    def drops(self) -> dict[str, int]:
+        """Packets dropped so far: by the uplink and downlink rate limiters (queue full) and the delay line.
+
+        Rate-limiter drops are the congestion signal a real bottleneck gives; UDP socket drops are a peer
+        process reading too slowly (aiortc on a busy CPU); delay-line drops would be a fault of the
+        emulation (its queue or socket overflowed) and make a row meaningless.
+        """
+        uplinks = sum(_drops(_run(["tc", "-s", "qdisc", "show", "dev", "eth0"], ns=ns)) for ns in self.namespaces)
+        downlinks = _drops(_run(["tc", "-s", "qdisc", "show"], ns=self.router))
+        delay_line = 0
+        for line in _run(["cat", "/proc/net/netfilter/nfnetlink_queue"], ns=self.router).splitlines():
+            fields = line.split()
+            delay_line += int(fields[5]) + int(fields[6])  # queue_dropped, user_dropped
+        sockets = sum(_udp_receive_buffer_errors(_run(["cat", "/proc/net/snmp"], ns=ns)) for ns in self.namespaces)
+        return {"uplink": uplinks, "downlink": downlinks, "delay line": delay_line, "udp socket": sockets}
+
     def close(self) -> None:
         """Stop the delay line and delete every namespace; safe to call twice and after a failed build."""
         if self._delay is not None:
@@ -229,3 +245,15 @@ def _read_line(process: "subprocess.Popen[str]", timeout_s: float) -> str:
     if not readable:
         raise TimeoutError
     return process.stdout.readline()
+
+
+def _drops(text: str) -> int:
+    return sum(int(n) for n in re.findall(r"dropped (\d+)", text))
+
+
+def _udp_receive_buffer_errors(snmp: str) -> int:
+    """RcvbufErrors from /proc/net/snmp's two "Udp:" lines (names, then values)."""
+    lines = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Udp:")]
+    if len(lines) < 2:
+        return 0
+    return int(dict(zip(lines[0], lines[1], strict=False)).get("RcvbufErrors", 0))

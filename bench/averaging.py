@@ -36,6 +36,7 @@ Usage::
 import argparse
 import asyncio
 import hashlib
+import logging
 import multiprocessing
 import os
 import socket
@@ -62,6 +63,7 @@ LINK_CODECS = ("none", "int8")
 SETTINGS = ButterflySettings(reduce_timeout_s=120.0, gather_timeout_s=120.0)
 BARRIER_TIMEOUT_S = 300.0  # a peer stuck this long at a barrier means another one failed
 JOB_TIMEOUT_S = 1800.0  # one set of peer processes, all its rounds
+SETUP_RETRIES = 2  # a direct path that did not come up (a known race between processes) is tried again
 NS_PORT = 47_000  # inside a namespace nothing else listens: rank r uses NS_PORT + r, gloo NS_PORT + 100
 
 Key = tuple[str, int, str]  # (method, tensor bytes, codec)
@@ -89,6 +91,7 @@ class Outcome:
     times: dict[Key, list[float]] = field(default_factory=dict)
     digests: dict[Key, str] = field(default_factory=dict)
     error: str | None = None
+    retry: bool = False  # the error was a path that did not come up: building the group again may work
 
 
 def _tensor(numel: int, rank: int) -> torch.Tensor:
@@ -164,15 +167,18 @@ async def _over_tcp(job: Job, rank: int, barrier: Barrier) -> tuple[dict[Key, li
 async def _over_links(
     job: Job, rank: int, barrier: Barrier, pipes: dict[int, Connection]
 ) -> tuple[dict[Key, list[float]], dict[Key, str]]:
-    links = await _links.open_links(rank, pipes, host=job.hosts[rank], path=job.method)
+    group = await _links.open_links(rank, pipes, host=job.hosts[rank], path=job.method)
     try:
-        return await _rounds(job, rank, LinkGroupTransport(links), barrier)
+        return await _rounds(job, rank, LinkGroupTransport(group.links), barrier)
     finally:
-        await _links.close_links(links)
+        await group.close()
 
 
 def worker(job: Job, rank: int, barrier: Barrier, pipes: dict[int, Connection], result: Connection) -> None:
     """One peer: (gloo rounds, then) butterfly rounds; sends back (times, digests) or ("error", traceback)."""
+    logging.basicConfig(level=logging.WARNING, format=f"peer {rank} %(levelname)s %(name)s: %(message)s")
+    # Each link reports its peer gone when the group closes at the end: expected, not worth a line.
+    logging.getLogger("hivewire.mesh.link").setLevel(logging.ERROR)
     try:
         if job.namespaces:
             _wan.enter_namespace(job.namespaces[rank])
@@ -184,6 +190,9 @@ def worker(job: Job, rank: int, barrier: Barrier, pipes: dict[int, Connection], 
         else:
             times, digests = _links.runner(job.method)(_over_links(job, rank, barrier, pipes))
         result.send((times, digests))
+    except _links.PathNotUp as exc:
+        barrier.abort()
+        result.send(("retry", f"peer {rank}: {exc}"))
     except BaseException:
         barrier.abort()  # the other peers stop waiting for us
         result.send(("error", f"peer {rank}: {traceback.format_exc()}"))
@@ -235,11 +244,12 @@ def run_job(job: Job) -> Outcome:
         if process.is_alive():
             process.kill()
             process.join()
-    errors = [reply[1] for reply in replies.values() if reply[0] == "error"]
+    errors = [reply[1] for reply in replies.values() if reply[0] in ("error", "retry")]
     if pending:
         errors.append(f"peers {sorted(pending.values())} sent nothing within {JOB_TIMEOUT_S} s")
     if errors:
         outcome.error = errors[0]
+        outcome.retry = all(reply[0] == "retry" for reply in replies.values() if reply[0] in ("error", "retry"))
         return outcome
     per_rank = [replies[rank] for rank in range(job.peers)]
     for key in per_rank[0][0]:
@@ -276,6 +286,11 @@ class Bench:
         label = f"{network} {job.peers} peers {job.method}"
         print(f"... {label}: {', '.join(f'{s / 1e6:g} MB' for s in job.sizes)}", file=sys.stderr, flush=True)
         outcome = run_job(job)
+        for _ in range(SETUP_RETRIES):
+            if not outcome.retry:
+                break
+            print(f"... {label}: {outcome.error}; building the group again", file=sys.stderr, flush=True)
+            outcome = run_job(job)
         if outcome.error is not None:
             self.failures.append(f"{label}: {outcome.error}")
         methods = ("gloo", job.method) if job.method == "tcp" else (job.method,)
@@ -302,7 +317,7 @@ class Bench:
     def print_table(self, started: float) -> None:
         find = {(r.network, r.peers, r.size, r.codec, r.method): r.seconds for r in self.rows}
         header = (
-            f"{'network':<8} {'peers':>5} {'size':>7} {'codec':>5} {'path':<15} {'round s':>8} {'t/gloo':>7} "
+            f"{'network':<8} {'peers':>5} {'size':>7} {'codec':>5} {'path':<15} {'round s':>8} {'t/gloo':>8} "
             f"{'t/tcp':>6} {'untuned/t':>9} {'bound s':>8} {'%bound':>6} {'MB/s':>6}"
         )
         print(header)
@@ -325,7 +340,7 @@ class Bench:
                 else:
                     ratios.append(f"{(base / row.seconds if invert else row.seconds / base):.2f}x")
             print(
-                f"{start} {row.seconds:>8.3f} {ratios[0]:>7} {ratios[1]:>6} {ratios[2]:>9} {bound:>8.3f} "
+                f"{start} {row.seconds:>8.3f} {ratios[0]:>8} {ratios[1]:>6} {ratios[2]:>9} {bound:>8.3f} "
                 f"{100 * bound / row.seconds:>5.0f}% {moved / row.seconds / 1e6:>6.0f}"
             )
         load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
@@ -348,13 +363,14 @@ def loopback(bench: Bench) -> None:
     for peers in args.peers:
         ports = _free_ports(peers + 1)
         bench.measure("loopback", Job("tcp", peers, sizes, CODECS, args.repeat, (LOOPBACK,) * peers, ports))
+    link_sizes = _sizes(args.link_mb)
     for path in args.paths:
         why = _links.unavailable(path)
         if why is not None:
-            bench.skip("loopback", 2, sizes, LINK_CODECS, path, why)
+            bench.skip("loopback", 2, link_sizes, LINK_CODECS, path, why)
             continue
         repeat = args.untuned_repeat if path == "webrtc-untuned" else args.repeat
-        bench.measure("loopback", Job(path, 2, sizes, LINK_CODECS, repeat, (LOOPBACK,) * 2, ()))
+        bench.measure("loopback", Job(path, 2, link_sizes, LINK_CODECS, repeat, (LOOPBACK,) * 2, ()))
 
 
 def wan(bench: Bench) -> None:
@@ -381,10 +397,11 @@ def wan(bench: Bench) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 and 10 MB, 1 round, 2-peer WAN at 4 MB")
+    parser.add_argument("--quick", action="store_true", help="1 and 10 MB (Links: 10), 1 round, 2-peer WAN at 4 MB")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per row (after one warm-up)")
     parser.add_argument("--untuned-repeat", type=int, default=1, help="timed rounds of the untuned WebRTC rows")
     parser.add_argument("--sizes-mb", type=float, nargs="+", help="loopback tensor sizes (default 10 100)")
+    parser.add_argument("--link-mb", type=float, nargs="+", help="loopback sizes over Links (default: --sizes-mb)")
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4], help="loopback group sizes over TCP")
     parser.add_argument("--paths", nargs="*", choices=_links.PATHS, default=list(_links.PATHS), help="Link paths")
     parser.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="loopback bound's link speed")
@@ -398,6 +415,7 @@ def main() -> None:
     if args.quick:
         args.repeat = min(args.repeat, 1)
     args.sizes_mb = args.sizes_mb or ([1, 10] if args.quick else [10, 100])
+    args.link_mb = args.link_mb or ([10] if args.quick else args.sizes_mb)
     args.wan_peers = args.wan_peers or ([2] if args.quick else [2, 4])
     args.wan_mb = args.wan_mb or ([4] if args.quick else [10])
     args.untuned_repeat = min(args.untuned_repeat, args.repeat)
