@@ -23,7 +23,14 @@ import aiortc
 import aiortc.rtcpeerconnection
 import pytest
 from aiortc import RTCPeerConnection
-from aiortc.rtcsctptransport import RTCSctpTransport
+from aiortc.rtcsctptransport import (
+    SCTP_DATA_FIRST_FRAG,
+    SCTP_DATA_LAST_FRAG,
+    SCTP_DATA_UNORDERED,
+    DataChunk,
+    RTCSctpTransport,
+    tsn_minus_one,
+)
 
 from hivewire.mesh import Link, LinkSettings, tuning
 from hivewire.mesh.tuning import (
@@ -127,6 +134,70 @@ def test_run_uses_uvloop_where_installed() -> None:
         return type(asyncio.get_running_loop())
 
     assert tuning.run(loop_type()) is uvloop.Loop
+
+
+# --- reassembly --------------------------------------------------------------------------------------------
+
+
+class _Dtls:
+    """Just enough of an RTCDtlsTransport to construct an SCTP transport that is fed chunks directly."""
+
+    state = "connected"
+    _role = "client"
+
+
+def _chunks(seed: int, first_tsn: int) -> list[DataChunk]:
+    """Messages of 1 to 40 fragments on two ordered streams and one unordered, with consecutive TSNs."""
+    chance = random.Random(seed)
+    chunks, tsn, seqs = [], first_tsn, {1: 0, 3: 0, 5: 0}
+    for _ in range(60):
+        stream = chance.choice((1, 3, 5))
+        fragments = chance.randint(1, 40)
+        for index in range(fragments):
+            chunk = DataChunk()
+            chunk.flags = (SCTP_DATA_UNORDERED if stream == 5 else 0) | (SCTP_DATA_FIRST_FRAG if index == 0 else 0)
+            chunk.flags |= SCTP_DATA_LAST_FRAG if index == fragments - 1 else 0
+            chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = tsn, stream, seqs[stream] % 65536, 53
+            chunk.user_data = os.urandom(chance.randint(1, 1172))
+            chunks.append(chunk)
+            tsn = (tsn + 1) % 2**32
+        if stream != 5:  # unordered messages carry no stream sequence number
+            seqs[stream] += 1
+    return chunks
+
+
+async def _deliver(kind: type[RTCSctpTransport], chunks: list[DataChunk], first_tsn: int) -> tuple[list, int]:
+    """What an SCTP transport of ``kind`` hands to its data channels, in order, and the window it ends with."""
+    sctp = kind(_Dtls())
+    sctp._last_received_tsn = tsn_minus_one(first_tsn)
+    start_window = sctp._advertised_rwnd
+    delivered: list[tuple[int, int, bytes]] = []
+
+    async def receive(stream_id: int, pp_id: int, data: bytes) -> None:
+        delivered.append((stream_id, pp_id, data))
+
+    sctp._receive = receive
+    for chunk in chunks:
+        await sctp._receive_data_chunk(chunk)
+    return delivered, start_window - sctp._advertised_rwnd
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_reassembly_delivers_exactly_what_aiortc_delivers(seed: int) -> None:
+    """Chunks reordered (as by a network and by retransmission) and duplicated, across a TSN wrap."""
+    first_tsn = 2**32 - 300
+    chunks = _chunks(seed, first_tsn)
+    chance = random.Random(seed)
+    arriving = [chunk for chunk in chunks for _ in range(2 if chance.random() < 0.05 else 1)]
+    for start in range(0, len(arriving), 50):  # local reordering within windows of 50 chunks
+        window = arriving[start : start + 50]
+        chance.shuffle(window)
+        arriving[start : start + 50] = window
+    expected, expected_held = await _deliver(RTCSctpTransport, arriving, first_tsn)
+    delivered, held = await _deliver(TunedSctpTransport, arriving, first_tsn)
+    assert len(expected) == 60
+    assert delivered == expected
+    assert held == expected_held == 0
 
 
 # --- links -------------------------------------------------------------------------------------------------
