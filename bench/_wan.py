@@ -133,6 +133,7 @@ class WanLab:
         self.addresses = [f"{NET}.{i}.2" for i in range(peers)]
         self._created: list[str] = []
         self._delay: subprocess.Popen[str] | None = None
+        self.delay_report = ""  # the delay line's last word (packets, lateness), once closed
 
     def __enter__(self) -> "WanLab":
         try:
@@ -195,7 +196,7 @@ class WanLab:
     def _start_delay(self) -> None:
         script = Path(__file__).with_name("_delay.py")
         argv = ["ip", "netns", "exec", self.router, sys.executable, str(script), "--delay-ms", f"{self.delay_ms:g}"]
-        self._delay = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self._delay = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self._delay.stdout is not None
         try:
             line = _read_line(self._delay, DELAY_READY_TIMEOUT_S)
@@ -226,10 +227,11 @@ class WanLab:
             if self._delay.poll() is None:
                 self._delay.terminate()
             try:
-                self._delay.wait(timeout=STOP_TIMEOUT_S)
+                _, errors = self._delay.communicate(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self._delay.kill()
-                self._delay.wait()
+                _, errors = self._delay.communicate()
+            self.delay_report = errors.strip().splitlines()[-1] if errors.strip() else "delay line: no report"
             self._delay = None
         for name in reversed(self._created):
             _delete_namespace(name)

@@ -280,6 +280,7 @@ class Bench:
     args: argparse.Namespace
     rows: list[Row] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # printed under the table: what the WAN emulation did
     digests: dict[tuple[str, int, int, str], dict[str, str]] = field(default_factory=dict)
 
     def measure(self, network: str, job: Job) -> None:
@@ -343,6 +344,8 @@ class Bench:
                 f"{start} {row.seconds:>8.3f} {ratios[0]:>8} {ratios[1]:>6} {ratios[2]:>9} {bound:>8.3f} "
                 f"{100 * bound / row.seconds:>5.0f}% {moved / row.seconds / 1e6:>6.0f}"
             )
+        if self.notes:
+            print("\n" + "\n".join(self.notes))
         load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
         print(
             f"\nmedian of {self.args.repeat} round(s) after a warm-up (untuned WebRTC: {self.args.untuned_repeat}); "
@@ -385,14 +388,20 @@ def wan(bench: Bench) -> None:
             hosts = tuple(lab.addresses)
             ports = (*(NS_PORT + rank for rank in range(peers)), NS_PORT + 100)
             spaces = tuple(lab.namespaces)
-            bench.measure("wan", Job("tcp", peers, sizes, ("none",), args.repeat, hosts, ports, spaces, "eth0"))
+            jobs = [Job("tcp", peers, sizes, ("none",), args.repeat, hosts, ports, spaces, "eth0")]
             for path in args.paths:
                 unusable = _links.unavailable(path)
                 if unusable is not None:
                     bench.skip("wan", peers, sizes, ("none",), path, unusable)
                     continue
                 repeat = args.untuned_repeat if path == "webrtc-untuned" else args.repeat
-                bench.measure("wan", Job(path, peers, sizes, ("none",), repeat, hosts, (), spaces, "eth0"))
+                jobs.append(Job(path, peers, sizes, ("none",), repeat, hosts, (), spaces, "eth0"))
+            for job in jobs:
+                before = lab.drops()
+                bench.measure("wan", job)
+                dropped = ", ".join(f"{where} {count - before[where]}" for where, count in lab.drops().items())
+                bench.notes.append(f"wan {peers} peers {job.method}: packets dropped: {dropped}")
+        bench.notes.append(f"wan {peers} peers: {lab.delay_report}")
 
 
 def main() -> None:
