@@ -51,13 +51,17 @@ async def direct_pair() -> AsyncIterator[Callable[..., object]]:
     """Factory for an open pair of links whose sides use the given endpoints (None: direct path off)."""
     links: list[Link] = []
 
-    async def make(direct_a: DirectEndpoint | None, direct_b: DirectEndpoint | None) -> tuple[Link, Link]:
+    async def make(
+        direct_a: DirectEndpoint | None, direct_b: DirectEndpoint | None, *, b_late_s: float = 0
+    ) -> tuple[Link, Link]:
         pc_a, pc_b = new_pc(), new_pc()
         a = Link(pc_a, peer="b", settings=SETTINGS, codec=ControlCodec(), direct=direct_a)
         b = Link(pc_b, peer="a", settings=SETTINGS, codec=ControlCodec(), direct=direct_b)
         links.extend((a, b))
         await negotiate(pc_a, pc_b)
-        await asyncio.gather(a.wait_open(), b.wait_open())
+        await a.wait_open()
+        await asyncio.sleep(b_late_s)  # B's side may take longer to notice its channels opened
+        await b.wait_open()
         return a, b
 
     yield make
@@ -94,6 +98,11 @@ async def test_payloads_take_the_direct_path_and_arrive_bit_identical(direct_pai
     assert a.send_rate_bytes_per_s is not None and b.recv_rate_bytes_per_s is not None
     assert a.throughput_bytes_per_s is not None
     assert await a.flush(DEADLINE_S)
+
+
+async def test_a_hello_that_arrives_before_our_side_opened_is_not_lost(direct_pair, endpoints) -> None:
+    a, b = await direct_pair(await endpoints(), await endpoints(), b_late_s=0.5)
+    await until(lambda: a.path == b.path == PATH_DIRECT)
 
 
 async def test_a_tls_certificate_other_than_the_signed_one_is_refused(direct_pair, endpoints, monkeypatch) -> None:

@@ -57,6 +57,7 @@ _LOGGED_REFUSALS = 10
 _REASON_CHARS = 300  # of a refusal reason sent back to the peer
 _MIN_FRAME_BYTES = 1024  # a peer announcing a smaller a=max-message-size is refused (and not standard)
 _RATE_MIN_BYTES = 64 * 2**10  # payloads smaller than this say more about latency than throughput
+_EARLY_DIRECT_RECORDS = 4  # a hello and an unreachable are all a peer sends before we are open; spare room
 _RATE_SAMPLES = 8  # throughput is measured over this many recent payloads per direction
 
 
@@ -139,6 +140,7 @@ class Link:
         self._endpoint = direct
         self._direct_session: DirectSession | None = None
         self._direct: DirectStream | None = None  # the usable direct stream, if any
+        self._early_direct: list[dict[str, Any]] = []  # direct records that came before our session started
         self._control = pc.createDataChannel("hivewire-control", negotiated=True, id=CONTROL_CHANNEL_ID)
         self._bulk = pc.createDataChannel("hivewire-bulk", negotiated=True, id=BULK_CHANNEL_ID)
         self._bulk.bufferedAmountLowThreshold = self.settings.buffer_low_bytes
@@ -268,6 +270,9 @@ class Link:
             session.start()
         except LinkError as exc:
             logger.warning("could not offer the direct TLS path to %s: %s", self.peer, exc)
+        early, self._early_direct = self._early_direct, []
+        for record in early:
+            session.on_record(record)
 
     def send_control(self, record: Mapping[str, Any]) -> None:
         """Validate and send one control record; raise LinkError when closed or the peer stopped reading."""
@@ -463,6 +468,8 @@ class Link:
         elif kind in ("direct_hello", "direct_unreachable"):
             if self._direct_session is not None:
                 self._direct_session.on_record(record)
+            elif self._endpoint is not None and len(self._early_direct) < _EARLY_DIRECT_RECORDS:
+                self._early_direct.append(record)  # the peer's side opened first; replayed once ours starts
         elif self._records.qsize() >= self.settings.control_queue_records:
             self.stats.records_dropped += 1
             self._log_refusal(self.stats.records_dropped, "control record", "consumer behind, queue full")
