@@ -5,14 +5,16 @@ stream killed mid-transfer loses and duplicates nothing; hostile bytes on the st
 the data channel; a peer without the direct path interoperates; flush() waits for the peer's releases."""
 
 import asyncio
+import contextlib
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiortc.rtcdtlstransport import RTCCertificate
 from cryptography.hazmat.primitives import serialization
 
-from hivewire.mesh import ControlCodec, DirectEndpoint, DirectSettings, Link, LinkSettings
+from hivewire.mesh import ControlCodec, ControlRecordError, DirectEndpoint, DirectSettings, Link, LinkSettings
 from hivewire.mesh import direct as direct_module
 from hivewire.mesh.direct import LENGTH, PATH_DIRECT, PATH_WEBRTC
 from hivewire.mesh.framing import FRAMING_VERSION, HEADER, KIND_START
@@ -266,3 +268,54 @@ async def test_flush_waits_for_the_peer_to_release(direct_pair, endpoints) -> No
     assert not flushing.done()
     await b.recv_payload()
     assert await flushing
+
+
+GOOD_HELLO = {"type": "direct_hello", "cert": b"\x30" * 400, "token": "0f" * 16, "addresses": [[LOOPBACK, 4242]]}
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"cert": b"\x30" * 4097}, "direct_hello.cert"),
+        ({"cert": b""}, "direct_hello.cert"),
+        ({"token": "0F" * 16}, "direct_hello.token"),
+        ({"token": "0f" * 17}, "direct_hello.token"),
+        ({"addresses": [[LOOPBACK, 1]] * 9}, "at most 8"),
+        ({"addresses": [["not-an-ip", 1]]}, "not an IP address"),
+        ({"addresses": [[LOOPBACK, 0]]}, "outside 1..65535"),
+        ({"addresses": [[LOOPBACK, True]]}, "[ip, port] pairs"),
+        ({"addresses": [[LOOPBACK]]}, "[ip, port] pairs"),
+        ({"cert": "text"}, "expected bytes"),
+    ],
+)
+def test_direct_hello_is_validated_before_use(change: dict[str, object], complaint: str) -> None:
+    codec = ControlCodec()
+    assert codec.decode(codec.encode(GOOD_HELLO)) == GOOD_HELLO
+    with pytest.raises(ControlRecordError, match=re.escape(complaint)):
+        codec.validate({**GOOD_HELLO, **change})
+
+
+async def test_the_listener_refuses_strangers_before_tls(endpoints) -> None:
+    endpoint = await endpoints()
+    host, port = endpoint.addresses[0]
+    for greeting in (b"HWD1" + os.urandom(16), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(greeting)
+        async with asyncio.timeout(DEADLINE_S):
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b"", "no acknowledgement for an unknown token"
+        writer.close()
+    assert endpoint.refused == 2
+
+
+async def test_announced_addresses_outside_unicast_are_not_dialled(direct_pair, endpoints) -> None:
+    """A peer cannot make us connect to 0.0.0.0 or a multicast group; with nothing dialable it stays on WebRTC."""
+    a, b = await direct_pair(await endpoints(), None)
+    session = a._direct_session
+    assert session is not None
+    unspecified = "0.0.0.0"  # noqa: S104 - announced by the peer, never bound
+    own = direct_module.local_certificate(b._pc)._cert.public_bytes(serialization.Encoding.DER)
+    hello = {**GOOD_HELLO, "cert": own, "addresses": [[unspecified, 80], ["224.0.0.1", 80], ["::", 80]]}
+    b.send_control(hello)
+    await until(lambda: session._peer_cert is not None)
+    assert session._peer_addresses == [(LOOPBACK, 80)], "only the SDP's own candidate, with the announced port"

@@ -54,6 +54,8 @@ PREAMBLE = struct.Struct(f"!4s{TOKEN_BYTES}s")
 ACK = b"\x01"  # the listener's answer to a preamble it recognised: start TLS now
 READY = b"\x02"  # sent by the listener inside TLS once it verified the dialer: the stream is usable
 LENGTH = struct.Struct("!I")
+MAX_PENDING_CONNECTIONS = 64  # incoming connections still in their preamble or handshake; more are reset
+_LOGGED_REFUSALS = 10
 _HASHES = {"sha-256": hashes.SHA256(), "sha-384": hashes.SHA384(), "sha-512": hashes.SHA512()}
 
 
@@ -310,26 +312,34 @@ class DirectEndpoint:
         """Read the preamble, find the link it names, acknowledge, and hand the connection over."""
         task = asyncio.current_task()
         assert task is not None
+        remote = writer.get_extra_info("peername")
+        if len(self._handlers) >= MAX_PENDING_CONNECTIONS:
+            self._refuse(remote, f"{MAX_PENDING_CONNECTIONS} connections already before TLS")
+            writer.transport.abort()
+            return
         self._handlers.add(task)
         handed_over = False
         try:
-            remote = writer.get_extra_info("peername")
             async with asyncio.timeout(self.settings.handshake_timeout_s):
                 magic, token = PREAMBLE.unpack(await reader.readexactly(PREAMBLE.size))
             session = self._sessions.get(token) if magic == MAGIC else None
             if session is None:
-                self.refused += 1
-                logger.warning("direct TLS path: refused a connection from %s: unknown preamble or token", remote)
+                self._refuse(remote, "unknown preamble or token")
                 return
             writer.write(ACK)
             handed_over = await session.accept(reader, writer)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            self.refused += 1
-            logger.info("direct TLS path: dropped an incoming connection before TLS: %s", type(exc).__name__)
+            self._refuse(remote, f"{type(exc).__name__} before TLS")
         finally:
             if not handed_over:
                 writer.transport.abort()
             self._handlers.discard(task)
+
+    def _refuse(self, remote: object, reason: str) -> None:
+        """Count a refused connection; log the first few, then every 1000th (a scanner cannot flood the log)."""
+        self.refused += 1
+        if self.refused <= _LOGGED_REFUSALS or self.refused % 1000 == 0:
+            logger.warning("direct TLS path: refused connection from %s (%d so far): %s", remote, self.refused, reason)
 
 
 class DirectSession:
@@ -423,13 +433,23 @@ class DirectSession:
             return
         self._peer_cert = cert
         self._peer_token = bytes.fromhex(record["token"])
-        announced = [(host, port) for host, port in record["addresses"]]
-        ports = list(dict.fromkeys(port for _, port in announced))
+        announced = [(host, port) for host, port in record["addresses"] if self._dialable(host)]
+        ports = list(dict.fromkeys(port for _, port in record["addresses"]))
         # The ICE candidates of the verified SDP are where the peer showed up; try them with its TCP port too.
-        guesses = [(ip, port) for ip in self._remote_ips for port in ports[:1]]
+        guesses = [(ip, port) for ip in self._remote_ips if self._dialable(ip) for port in ports[:1]]
         self._peer_addresses = list(dict.fromkeys(announced + guesses))[:MAX_DIRECT_ADDRESSES]
         if self._token < self._peer_token:
             self._spawn(self._dial(report_failure=True))
+
+    def _dialable(self, host: str) -> bool:
+        """Unicast only, and loopback only when we listen there too (a test, or one machine): an
+        authenticated peer still must not make us connect to our own machine's other services."""
+        address = ipaddress.ip_address(host)
+        if address.is_unspecified or address.is_multicast or address == ipaddress.ip_address("255.255.255.255"):
+            return False
+        if address.is_loopback:
+            return any(ipaddress.ip_address(own).is_loopback for own, _ in self._endpoint.addresses)
+        return True
 
     def _refuse(self, reason: str) -> None:
         self.refusal = reason
