@@ -160,7 +160,8 @@ def main() -> None:
     mean_late_ms = 1000 * line.late_s / max(line.delayed, 1)
     print(
         f"delay line: {line.delayed} packets delayed {args.delay_ms:g} ms, released late by "
-        f"{mean_late_ms:.2f} ms on average, {1000 * line.max_late_s:.1f} ms at most",
+        f"{mean_late_ms:.2f} ms on average, {1000 * line.max_late_s:.1f} ms at most; "
+        f"{time.process_time():.1f} s of CPU",
         file=sys.stderr,
         flush=True,
     )

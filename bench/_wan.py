@@ -183,8 +183,9 @@ class WanLab:
             )
             self._shape(ns, "eth0")
             self._shape(self.router, f"p{i}")
-        self._start_delay()
-        _run(["iptables", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0"], ns=self.router)
+        if self.delay_ms > 0:  # without delay, rates alone: the delay line stays out of the path
+            self._start_delay()
+            _run(["iptables", "-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0"], ns=self.router)
         logger.info(
             "WAN lab %s: %d peers, %g ms one way, %g Mbit/s each way per peer",
             self.tag,
@@ -215,7 +216,8 @@ class WanLab:
         uplinks = sum(_drops(_run(["tc", "-s", "qdisc", "show", "dev", "eth0"], ns=ns)) for ns in self.namespaces)
         downlinks = _drops(_run(["tc", "-s", "qdisc", "show"], ns=self.router))
         delay_line = 0
-        for line in _run(["cat", "/proc/net/netfilter/nfnetlink_queue"], ns=self.router).splitlines():
+        queues = _run(["cat", "/proc/net/netfilter/nfnetlink_queue"], ns=self.router) if self._delay else ""
+        for line in queues.splitlines():
             fields = line.split()
             delay_line += int(fields[5]) + int(fields[6])  # queue_dropped, user_dropped
         sockets = sum(_udp_receive_buffer_errors(_run(["cat", "/proc/net/snmp"], ns=ns)) for ns in self.namespaces)

@@ -401,7 +401,8 @@ def wan(bench: Bench) -> None:
                 bench.measure("wan", job)
                 dropped = ", ".join(f"{where} {count - before[where]}" for where, count in lab.drops().items())
                 bench.notes.append(f"wan {peers} peers {job.method}: packets dropped: {dropped}")
-        bench.notes.append(f"wan {peers} peers: {lab.delay_report}")
+        if lab.delay_report:
+            bench.notes.append(f"wan {peers} peers: {lab.delay_report}")
 
 
 def main() -> None:
