@@ -127,6 +127,19 @@ def test_flag_switch_turns_tuning_off() -> None:
     assert aiortc_state() == before
 
 
+def test_a_capped_receive_buffer_is_reported_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rmem_max = Path("/proc/sys/net/core/rmem_max")
+    if not rmem_max.exists():
+        pytest.skip("the cap is Linux's net.core.rmem_max")
+    too_big = 2 * int(rmem_max.read_text())
+    monkeypatch.setattr(tuning, "UDP_RECEIVE_BUFFER_BYTES", too_big)
+    with caplog.at_level(logging.WARNING, logger=tuning.__name__):
+        assert apply_sctp_tuning() is True
+    assert f"sysctl -w net.core.rmem_max={too_big}" in caplog.text
+
+
 def test_run_uses_uvloop_where_installed() -> None:
     uvloop = pytest.importorskip("uvloop")
 

@@ -38,6 +38,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -284,7 +285,9 @@ def _receive_buffer_accepted() -> bool:
             )
             return False
         granted = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    if granted < UDP_RECEIVE_BUFFER_BYTES:  # Linux reports twice what it grants
+    if sys.platform.startswith("linux"):
+        granted //= 2  # Linux reports twice what it grants (the other half is its bookkeeping)
+    if granted < UDP_RECEIVE_BUFFER_BYTES:
         logger.warning(
             "UDP receive buffer capped at %d bytes (asked %d); datagrams may drop at full speed. On Linux raise "
             "the cap with: sysctl -w net.core.rmem_max=%d",
