@@ -207,17 +207,17 @@ class DirectStream:
                 self.abort(f"write failed: {type(exc).__name__}: {exc}")
                 raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
 
-    def abort(self, reason: str) -> None:
-        """Close now with a reset, dropping what is queued (the reader task ends too); report ``reason`` once.
+    def abort(self, reason: str, *, reset: bool = True) -> None:
+        """Close now (the reader task ends too) and report ``reason`` once.
 
-        A reset rather than a graceful close: the peer must not take a half-sent tail for a clean end, and
-        whatever was queued is sent again over the data channel anyway.
+        By default with a reset that drops what is queued: after a fault the peer must not take a half-sent
+        tail for a clean end, and whatever was queued goes again over the data channel anyway.
         """
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
         sock = self._writer.get_extra_info("socket")
-        if sock is not None:
+        if reset and sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._writer.transport.abort()
@@ -226,8 +226,8 @@ class DirectStream:
         self._on_closed(self, reason)
 
     async def close(self, reason: str = "closed locally") -> None:
-        """Abort and wait for the reader task."""
-        self.abort(reason)
+        """End the stream without a reset (the link is closing on purpose) and wait for the reader task."""
+        self.abort(reason, reset=False)
         with contextlib.suppress(asyncio.CancelledError):
             await self._reading
 

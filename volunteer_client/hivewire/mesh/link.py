@@ -589,7 +589,9 @@ class Link:
             return
         self.stats.direct_streams_lost += 1
         lost = sum(1 for entry in self._outgoing.values() if entry.stream is stream)
-        logger.warning(
+        # Quiet when nothing was in flight: a peer closing its link ends the stream just before the channels.
+        logger.log(
+            logging.WARNING if lost else logging.INFO,
             "direct TLS path to %s dropped (%s); bulk moves to WebRTC, %d unreleased payload(s) go again there",
             self.peer,
             reason,
