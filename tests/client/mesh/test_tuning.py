@@ -1,8 +1,9 @@
 """The tuned aiortc SCTP path (hivewire.mesh.tuning) proves: it refuses an aiortc it was not written for and
 can be switched off, leaving aiortc exactly as it was; lost DATA packets are still retransmitted (fast
-retransmit and T3) and payloads arrive bit-exact; delayed SACKs still acknowledge the last packet and are
-fewer than the packets they acknowledge; ICE sockets get the larger receive buffer; and a tuned peer and an
-untuned one exchange payloads both ways over hivewire Links.
+retransmit and T3) and payloads arrive bit-exact; reassembly delivers exactly what aiortc's delivers, for
+reordered and duplicated chunks; delayed SACKs still acknowledge the last packet and are fewer than the
+packets they acknowledge; ICE sockets get the larger receive buffer (and a capped one is reported); and a
+tuned peer and an untuned one exchange payloads both ways over hivewire Links.
 
 Tuning applies per transport instance (RTCPeerConnection builds the tuned subclass while it is active), so
 one process can hold a tuned and an untuned peer. Everything runs on 127.0.0.1 (conftest.py).
