@@ -886,7 +886,13 @@
       stats.forEach((entry) => {
         if (entry.type === "transport" && entry.selectedCandidatePairId) {
           const pair = stats.get(entry.selectedCandidatePairId);
-          selected = { state: pair.state, local: candidate(pair.localCandidateId), remote: candidate(pair.remoteCandidateId) };
+          selected = {
+            state: pair.state, // "in-progress" while a consent check is in flight: not a sign of trouble
+            bytes_sent: pair.bytesSent,
+            bytes_received: pair.bytesReceived,
+            local: candidate(pair.localCandidateId),
+            remote: candidate(pair.remoteCandidateId),
+          };
         }
         if (entry.type === "local-candidate") local.push(entry.address);
         if (entry.type === "remote-candidate") remote.push(entry.address);
