@@ -5,7 +5,7 @@ A path names how a pair of peers' bulk payloads travel:
 * ``webrtc-untuned``: mesh.Link over a stock aiortc data channel, asyncio event loop;
 * ``webrtc-tuned``: the same with ``hivewire.mesh.tuning`` (SCTP adjustments + uvloop) in every process;
 * ``direct-tls``: the Link's direct mutual-TLS TCP path (``link.path == "direct-tls"``), data channel kept
-  for control.
+  for control; tuned as above where tuning is built, as the network process runs it.
 
 Offers and answers travel over a multiprocessing pipe per pair (lower rank offers), in place of the
 server's signaling; each description is checked to carry candidates on the process's one chosen address
@@ -13,7 +13,9 @@ only, so nothing is sent anywhere but loopback or the benchmark's own namespaces
 """
 
 import asyncio
+import contextlib
 import importlib
+import os
 import re
 from collections.abc import Callable, Coroutine, Mapping
 from multiprocessing.connection import Connection
@@ -63,15 +65,21 @@ def unavailable(path: str) -> str | None:
 def runner(path: str) -> Callable[[Coroutine[Any, Any, _T]], _T]:
     """Prepare this (fresh) process for ``path`` and return how to run its event loop.
 
-    Tuning is process-wide while active, so each path runs in processes of its own.
+    Tuning is process-wide while active, so each path runs in processes of its own. The direct path runs
+    as the network process will, tuned where tuning is built (its control channel is WebRTC).
     """
-    if path == "webrtc-tuned":
-        tuning = importlib.import_module("hivewire.mesh.tuning")
-        if not tuning.apply_sctp_tuning():
-            raise RuntimeError("SCTP tuning refused to apply in a benchmark process")
-        run: Callable[[Coroutine[Any, Any, _T]], _T] = tuning.run
-        return run
-    return asyncio.run
+    tuned = path == "webrtc-tuned" or (path == "direct-tls" and unavailable("webrtc-tuned") is None)
+    if not tuned:
+        os.environ["HIVEWIRE_SCTP_TUNING"] = "off"  # tuning's documented off switch, should anything apply it
+        with contextlib.suppress(ImportError):
+            tuning = importlib.import_module("hivewire.mesh.tuning")
+            tuning.remove_sctp_tuning()
+        return asyncio.run
+    tuning = importlib.import_module("hivewire.mesh.tuning")
+    if not tuning.apply_sctp_tuning():
+        raise RuntimeError("SCTP tuning refused to apply in a benchmark process")
+    run: Callable[[Coroutine[Any, Any, _T]], _T] = tuning.run
+    return run
 
 
 def _checked(description: RTCSessionDescription | None, host: str) -> tuple[str, str]:
