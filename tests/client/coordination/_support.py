@@ -47,7 +47,7 @@ class HubTransport:
     """One peer's GossipTransport in a GossipHub; ``mute`` drops everything it sends.
 
     ``mute_after`` mutes it once it sent that many records (it dies mid-way); ``sent`` lists what it sent.
-    ``throughputs`` are what ``link(peer).throughput`` reports, as a mesh Link measures its recent bytes/s.
+    ``throughputs`` are what ``link(peer).throughput_bytes_per_s`` reports, as a mesh Link measures it.
     """
 
     hub: GossipHub
@@ -84,7 +84,7 @@ class HubTransport:
     def link(self, peer: str) -> SimpleNamespace | None:
         if peer not in self.links:
             return None
-        return SimpleNamespace(throughput=self.throughputs[peer]) if peer in self.throughputs else SimpleNamespace()
+        return SimpleNamespace(throughput_bytes_per_s=self.throughputs.get(peer))  # None: not measured yet
 
     async def connect(self, peer: str) -> None:
         if peer not in self.hub.peers:

@@ -125,21 +125,21 @@ async def test_each_peer_gossips_what_its_links_moved_and_the_view_shows_it(make
     a, b, c = [await make_tracker(hub, clock=Clock(NOW)) for _ in range(3)]
     hub.link(a.peer_id, b.peer_id)
     hub.link(b.peer_id, c.peer_id)
-    # a's links moved 3 MB/s and 1 MB/s; b's links have not measured yet; c's only link reports junk.
+    # a's links carried 3 MB/s and 1 MB/s; b's links have not measured yet; c's links report junk.
     hub.peers[a.peer_id].throughputs = {b.peer_id: 3e6, c.peer_id: 1e6}
     hub.link(a.peer_id, c.peer_id)
     hub.peers[c.peer_id].throughputs = {a.peer_id: math.nan, b.peer_id: -5.0}
     for tracker in (a, b, c):
         tracker.report(epoch=1, samples_accumulated=8, samples_per_second=2.0)
     await eventually(lambda: all(len(t.records()) == 2 for t in (a, b, c)), "every tracker hearing the two others")
-    expected = {a.peer_id: 4e6, b.peer_id: 0.0, c.peer_id: 0.0}
+    expected = {a.peer_id: 3e6, b.peer_id: 0.0, c.peer_id: 0.0}  # the best link, not a sum over them
     assert {peer: record.link_throughput for peer, record in b.records().items()} == {
         peer: value for peer, value in expected.items() if peer != b.peer_id
     }
     assert a.view().link_throughputs == expected
-    assert a.local.link_throughput == 4e6
+    assert a.local.link_throughput == 3e6
     a.report(epoch=1, samples_accumulated=9, samples_per_second=2.0)  # a report keeps the last measurement
-    assert a.local.link_throughput == 4e6
+    assert a.local.link_throughput == 3e6
 
 
 async def test_duplicates_are_dropped_and_not_forwarded_again(make_tracker: MakeTracker) -> None:

@@ -208,7 +208,8 @@ class Matchmaker:
             rid,
             len(group),
             ", ".join(
-                f"{member[:8]} {value / 1e6:.2f} MB/s" for member, value in zip(group, group_claims, strict=True)
+                f"{member[:8]} {f'{value / 1e6:.2f} MB/s' if value else 'unknown'}"
+                for member, value in zip(group, group_claims, strict=True)
             ),
         )
         return Group(round_id=rid, epoch=epoch, attempt=attempt, members=group, claimed=group_claims)

@@ -139,7 +139,7 @@ class Progress:
     samples_per_second: float  # recent local throughput
     time: float  # when the numbers were taken, seconds since 1970 (the author's clock)
     param_hash: str | None = None  # hex digest of the parameters, for divergence checks under dedloc
-    link_throughput: float = 0.0  # bytes/s its links moved recently; 0 when unknown (not measured, a v1 record)
+    link_throughput: float = 0.0  # bytes/s, its best link's recent payload rate; 0 when unknown (or a v1 record)
 
 
 def _canonical(run: str, progress: Progress, *, version: int) -> bytes:

@@ -39,22 +39,24 @@ class GossipTransport(Protocol):
         ...
 
 
-LINK_THROUGHPUT_ATTRIBUTE = "throughput"  # a Link's recent bytes/s (sent + received), as the mesh measures it
+LINK_THROUGHPUT_ATTRIBUTE = "throughput_bytes_per_s"  # a mesh Link's recent payload rate, None before any
 
 
 def measured_throughput(transport: GossipTransport) -> float:
-    """The bytes/s our links moved recently, summed over neighbours; 0.0 when unknown.
+    """The best recent payload rate among our links, in bytes/s; 0.0 when unknown.
 
-    Read from the links of a transport that has them (the mesh manager's ``link(peer)``); a transport
-    without links, a link that has not measured yet, or a value that is not a finite number >= 0 counts
-    as nothing, so a peer that cannot tell gets an average part (matchmaking.part_weights), never none.
+    Read from the links of a transport that has them (the mesh manager's ``link(peer)``). A Link measures its
+    rate while payloads flow, so one link that moved a state download alone shows what this peer's
+    connection can carry; a sum over links would count that capacity once per neighbour. A transport without
+    links, a link that has not measured yet, or a value that is not a finite number > 0 counts as nothing,
+    so a peer that cannot tell gets an average part (matchmaking.part_weights), never none.
     """
     link_of = getattr(transport, "link", None)
     if not callable(link_of):
         return 0.0
-    total = 0.0
+    best = 0.0
     for peer in transport.neighbours:
         value = getattr(link_of(peer), LINK_THROUGHPUT_ATTRIBUTE, None)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            total += float(value)
-    return total
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            best = max(best, float(value))
+    return best
