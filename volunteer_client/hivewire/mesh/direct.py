@@ -377,6 +377,7 @@ class DirectSession:
         self._remote_ips = _candidate_ips(remote.sdp if remote is not None else "")
         self._token = secrets.token_bytes(TOKEN_BYTES)
         self._peer_cert: x509.Certificate | None = None
+        self._hello = asyncio.Event()  # set once the peer's hello was accepted
         self._peer_token: bytes | None = None
         self._peer_addresses: list[tuple[str, int]] = []
         self._dialed = False
@@ -432,6 +433,7 @@ class DirectSession:
             self._refuse("its direct_hello certificate does not match the fingerprints it signed for this link")
             return
         self._peer_cert = cert
+        self._hello.set()
         self._peer_token = bytes.fromhex(record["token"])
         announced = [(host, port) for host, port in record["addresses"] if self._dialable(host)]
         ports = list(dict.fromkeys(port for _, port in record["addresses"]))
@@ -503,11 +505,13 @@ class DirectSession:
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """The listener's connection for this link: TLS as server, verify, READY; True when adopted."""
-        if self._peer_cert is None or self._stream is not None or self._closing:
+        if self._stream is not None or self._closing or self.refusal is not None:
             return False
         remote = writer.get_extra_info("peername")
         try:
             async with asyncio.timeout(self._settings.handshake_timeout_s):
+                await self._hello.wait()  # the dial may overtake the peer's hello on the control channel
+                assert self._peer_cert is not None
                 await writer.start_tls(_server_context(self._own, self._peer_cert))
                 self._verify(writer)
                 writer.write(READY)
@@ -566,7 +570,13 @@ class DirectSession:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"hivewire-direct-dial-{self.peer}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: "asyncio.Task[None]") -> None:
+        """Forget a finished dial; dials handle their expected failures, anything else is a bug to log."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("direct TLS dial to %s failed unexpectedly", self.peer, exc_info=task.exception())
 
 
 def _candidate_ips(sdp: str) -> list[str]:
