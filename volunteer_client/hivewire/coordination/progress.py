@@ -1,7 +1,7 @@
 """Progress gossip: every peer's signed {epoch, samples, throughput}, and the run's progress estimated from them.
 
-Throughput is twofold: ``samples_per_second`` (training speed, for the ETA) and ``link_throughput`` (bytes/s
-the best recent payload rate among the author's links, measured when it announces; 0 when unknown), for views.
+Throughput is twofold: ``samples_per_second`` (training speed, for the ETA) and ``link_throughput`` (the best
+recent payload rate among the author's links in bytes/s, measured when it announces; 0 when unknown).
 
 Each peer announces its own signed record to its neighbours with ``ttl = gossip_hops - 1``; a peer that
 accepts it passes it on with ``ttl - 1`` while the ttl is above 0, so it reaches peers up to ``gossip_hops``
