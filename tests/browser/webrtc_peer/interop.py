@@ -69,8 +69,9 @@ SLUG = str(RUN["slug"])
 STEP_TIMEOUT_S = 30.0  # any one step (link opening, one batch of payloads); each takes a second or two
 SCRIPT_TIMEOUT_S = STEP_TIMEOUT_S + 10.0  # WebDriver's own bound, above the page's
 # Sizes of one batch of payloads: empty, one byte, exactly one full frame of body, several frames with a
-# partial last one, and a large one; six in all, more than the receiver's 4 payloads of credit.
-PAYLOAD_SIZES = (0, 1, 262_144 - HEADER.size, 3 * 262_124 + 5, 2 * 2**20 + 3, 4 * 2**20)
+# partial last one, one above the senders' 1 MiB bufferedAmount mark (so both wait for bufferedamountlow),
+# and one more; six in all, more than the receiver's 4 payloads of credit, so bulk_release must flow.
+PAYLOAD_SIZES = (0, 1, 262_144 - HEADER.size, 3 * (262_144 - HEADER.size) + 5, 2 * 2**20 + 3, 2**20)
 SECOND_LINK_SIZES = (1, 1 * 2**20 + 1)
 CORRUPT_SIZE = 100_000
 CORRUPT_AT = 70_000  # inside the first chunk of a corrupt payload, after it was hashed
