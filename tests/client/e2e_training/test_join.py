@@ -1,5 +1,6 @@
 """`hivewire join` end to end: volunteers train tiny-lm under dedloc through the real server and agree bit for bit."""
 
+import re
 import signal
 
 import httpx
@@ -8,7 +9,7 @@ import torch
 
 from hivewire.recipes import TinyLM, shard_seed
 from hivewire.session.trainer import run_seed
-from tests.client.e2e_training.conftest import E2E_RUN, SLUG, Volunteers
+from tests.client.e2e_training.conftest import E2E_RUN, SLUG, Volunteer, Volunteers
 from tests.conftest import Account
 
 pytestmark = pytest.mark.slow
@@ -16,6 +17,11 @@ pytestmark = pytest.mark.slow
 LEAVE_TIMEOUT_S = 20.0  # from Ctrl-C to exit: the network process closes the mesh well within this
 
 EPOCHS = 6
+BATCH = 8
+INNER_STEPS = 96  # diloco's H in its test: 768 samples per peer between two rounds
+GOODBYE = re.compile(
+    r"(?P<rounds>\d+) averaging rounds with other volunteers \((?P<samples>\d+) samples\) sent (?P<bytes>\d+) bytes"
+)
 LATE_EPOCHS = 8
 EVAL_BATCHES = 4
 
@@ -61,6 +67,49 @@ def test_two_volunteers_train_to_identical_models(volunteers: Volunteers, http: 
     # a dedloc round averages at least the run's target batch; a receipt counts each member's samples once
     verified = sum(rows[name]["verified_samples"] for name in ("alice", "bob"))
     assert verified >= rounds * E2E_RUN["target_batch_size"], rows
+
+
+def _data_plane_cost(volunteer: Volunteer) -> tuple[int, int, int]:
+    """(rounds with another volunteer, samples this one brought to them, bytes it sent in them), as it says."""
+    match = GOODBYE.search(volunteer.output)
+    assert match is not None, volunteer.output[-3000:]
+    return int(match["rounds"]), int(match["samples"]), int(match["bytes"])
+
+
+def test_diloco_peers_end_identical_and_send_far_fewer_bytes_than_dedloc(
+    volunteers: Volunteers, http: httpx.Client, organizer: Account
+) -> None:
+    """diloco: both peers hold the same parameters after the outer step, and for each sample averaged they send
+    a small fraction of what dedloc sends: one round per H=96 inner steps of 8 samples on each peer, against
+    one per global batch of 256 samples (about 128 on each peer), so about 6x fewer bytes per sample.
+
+    Rounds a volunteer took alone (the other still starting) send nothing and are left out of both counts."""
+    costs = {}
+    for strategy, target, args in (
+        ("diloco", 512, ("--max-epochs", "2", "--inner-steps", str(INNER_STEPS))),
+        ("dedloc", 256, ("--max-epochs", "8")),
+    ):
+        spec = {**E2E_RUN, "slug": f"{strategy}-bytes", "strategy": strategy, "target_batch_size": target}
+        assert http.post("/api/runs", json=spec, headers=organizer.headers).status_code == 201
+        pair = [
+            volunteers.join(f"{name}-{strategy}", *args, "--batch-size", str(BATCH), slug=spec["slug"])
+            for name in ("alice", "bob")
+        ]
+        codes = [volunteer.wait() for volunteer in pair]
+        outputs = "\n".join(f"--- {v.name}:\n{v.output[-3000:]}" for v in pair)
+        assert codes == [0, 0], outputs
+        costs[strategy] = [_data_plane_cost(volunteer) for volunteer in pair]
+        if strategy == "diloco":
+            first, second = (torch.load(v.checkpoint, weights_only=True) for v in pair)
+            for name, tensor in first.items():
+                assert torch.equal(tensor, second[name]), f"{name} differs after the outer step\n{outputs}"
+        assert all(rounds >= 1 for rounds, _, _ in costs[strategy]), f"{strategy}: never averaged\n{outputs}"
+    per_sample = {
+        strategy: sum(sent for _, _, sent in pair) / sum(samples for _, samples, _ in pair)
+        for strategy, pair in costs.items()
+    }
+    assert per_sample["diloco"] > 0, costs
+    assert per_sample["dedloc"] >= 4 * per_sample["diloco"], costs
 
 
 def test_a_late_joiner_downloads_the_state_and_ends_identical(

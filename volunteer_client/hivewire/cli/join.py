@@ -30,6 +30,7 @@ from hivewire.cli._common import open_api, resolve, state
 from hivewire.config import private_dir
 from hivewire.errors import CertificateError, ConfigError, InvalidRunURL
 from hivewire.identity import CertificateVerifier, PeerCertificate, PeerIdentity, load_or_create_identity
+from hivewire.optim import DilocoConfig
 from hivewire.recipes import resolve as resolve_recipe
 from hivewire.reporter import Reporter, ReporterConfig
 from hivewire.session.handle import NetworkHandle
@@ -95,6 +96,12 @@ def command(
         Path | None,
         typer.Option(help="Data directory for custom recipes, exported as HIVEWIRE_DATA_DIR (built-ins ship theirs)"),
     ] = None,
+    inner_steps: Annotated[
+        int,
+        typer.Option(
+            min=1, help="diloco runs: local steps between two averaging rounds (every volunteer of the run alike)"
+        ),
+    ] = DilocoConfig.inner_steps,
     ice_address: Annotated[
         list[str] | None,
         typer.Option(help="Offer only these local addresses to peers (repeatable) [default: every address]"),
@@ -150,6 +157,7 @@ def command(
         max_steps=max_steps,
         max_epochs=max_epochs,
         checkpoint_dir=checkpoint_dir,
+        inner_steps=inner_steps,
     )
     numel = sum(p.numel() for p in recipe.build_model(0).parameters() if p.requires_grad)
     handle = NetworkHandle(network, numel)
@@ -194,7 +202,11 @@ def command(
         "delivered" + (f", {waiting} waiting for the server (sent on the next join)" if waiting else "")
     )
     losses = f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}" if result.losses else "no epoch completed"
-    typer.echo(f"Left run {slug} at epoch {result.epoch} after {result.steps} steps ({losses}). Goodbye.")
+    typer.echo(
+        f"Left run {slug} at epoch {result.epoch} after {result.steps} steps ({losses}); "
+        f"{result.rounds} averaging rounds with other volunteers ({result.samples_averaged} samples) sent "
+        f"{result.bytes_sent} bytes. Goodbye."
+    )
     if result.checkpoint is not None:
         typer.echo(f"Final model written to {result.checkpoint}")
     if result.interrupted:

@@ -119,6 +119,7 @@ class Averaged:
     detail: str = ""
     round_id: str = ""  # the round's receipt id (session/receipts.py), "" when no round ran
     weight: float = 0.0  # the samples we averaged with; our own line of the round's receipt
+    bytes_sent: int = 0  # what this member sent in the round (after compression)
 
 
 @dataclass(frozen=True)

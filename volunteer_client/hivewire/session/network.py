@@ -289,6 +289,7 @@ class NetworkSide:
                     report.averaged_fraction,
                     round_id=rid,
                     weight=request.weight,
+                    bytes_sent=report.bytes_sent,
                 )
             )
             members = tuple(member for member in group.members if member not in report.excluded)

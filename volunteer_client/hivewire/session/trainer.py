@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import torch
 
-from hivewire.optim import Dedloc, Diloco, Strategy, StrategyError, parameter_hash
+from hivewire.optim import Dedloc, Diloco, DilocoConfig, Strategy, StrategyError, parameter_hash
 from hivewire.recipes import Recipe, shard_seed
 from hivewire.reporter import LinkTypes, Reporter
 from hivewire.session.handle import NetworkHandle, RoundSkipped
@@ -42,6 +42,7 @@ class TrainConfig:
     max_steps: int | None = None  # local micro-batches, then leave
     max_epochs: int | None = None  # the run's epochs (averaging rounds), then leave
     checkpoint_dir: Path | None = None  # where the final model is written (torch state dict)
+    inner_steps: int = DilocoConfig.inner_steps  # diloco's H: local steps between two averaging rounds
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: Path | None = None
     losses: list[float] = field(default_factory=list)  # per epoch, mean over its micro-batches
+    rounds: int = 0  # averaging rounds this peer completed with at least one other member
+    samples_averaged: int = 0  # the samples this peer brought to those rounds
+    bytes_sent: int = 0  # what those rounds sent (the data plane's cost; gossip and control records aside)
 
 
 def run_seed(run: str) -> int:
@@ -62,10 +66,14 @@ def run_seed(run: str) -> int:
     return int.from_bytes(hashlib.sha256(b"hivewire-run-seed\0" + run.encode()).digest()[:8], "big")
 
 
-def build_strategy(name: str, recipe: Recipe, run: str, average: Callable[..., Any]) -> Strategy:
+def build_strategy(
+    name: str, recipe: Recipe, run: str, average: Callable[..., Any], inner_steps: int = DilocoConfig.inner_steps
+) -> Strategy:
     model = recipe.build_model(run_seed(run))
     optimizer = recipe.optimizer(model)
-    return Dedloc(model, optimizer, average) if name == "dedloc" else Diloco(model, optimizer, average)
+    if name == "dedloc":
+        return Dedloc(model, optimizer, average)
+    return Diloco(model, optimizer, average, DilocoConfig(inner_steps=inner_steps))
 
 
 def serialize(strategy: Strategy) -> bytes:
@@ -168,7 +176,11 @@ def train(
 ) -> TrainResult:
     """Train until max steps/epochs or Ctrl-C; the caller leaves the run and closes the network afterwards."""
     strategy: Strategy = build_strategy(
-        strategy_name, recipe, run, lambda tensors, weight: network.average(strategy.epoch, tensors, weight)
+        strategy_name,
+        recipe,
+        run,
+        lambda tensors, weight: network.average(strategy.epoch, tensors, weight),
+        config.inner_steps,
     )
     strategy.model.to(config.device)
     result, line, reports = TrainResult(), ProgressLine(), ServerReports(reporter)
@@ -217,7 +229,7 @@ def train(
                 result.losses.append(sum(epoch_losses) / len(epoch_losses))
                 reports.progress(epoch, samples_seen, epoch_losses, rate, network.view)
                 epoch_losses.clear()
-                digest = _after_round(strategy, network, rate)
+                digest = _after_round(strategy, network, rate, result)
             line.update(
                 _progress_text(strategy, network, epoch_losses, result, rate), epoch_done=strategy.epoch != epoch
             )
@@ -242,9 +254,13 @@ def _done(result: TrainResult, strategy: Strategy, config: TrainConfig) -> bool:
     )
 
 
-def _after_round(strategy: Strategy, network: NetworkHandle, rate: float) -> str:
+def _after_round(strategy: Strategy, network: NetworkHandle, rate: float, result: TrainResult) -> str:
     """A round ended: tell the run our new epoch and hash, serve the new state to late joiners; the hash."""
     round_ = network.last_round
+    if round_ is not None and round_.ok and len(round_.members) > 1:
+        result.rounds += 1
+        result.samples_averaged += round(round_.weight)
+        result.bytes_sent += round_.bytes_sent
     if round_ is not None and round_.excluded:
         logger.warning("epoch %d: excluded from the round: %s", round_.epoch, round_.excluded)
     digest = parameter_hash(strategy.model)
