@@ -202,3 +202,16 @@ async def _wait_direct(group: LinkGroup) -> None:
         pass
     states = {link.peer: link.direct_state for link in group.links.values()}
     raise PathNotUp(f"direct TLS path not up on every link after {PATH_UP_TIMEOUT_S} s: {states}")
+
+
+def check_still_on_path(group: LinkGroup, path: str) -> None:
+    """After the rounds: a direct-tls row whose payloads fell back to WebRTC would time the wrong path."""
+    if path != "direct-tls":
+        return
+    for link in group.links.values():
+        stats = link.stats
+        if link.path != "direct-tls" or stats.payloads_sent_direct != stats.payloads_sent:
+            raise RuntimeError(
+                f"link to {link.peer} left the direct path during the rounds: now {link.path}, "
+                f"{stats.payloads_sent_direct} of {stats.payloads_sent} payloads sent direct"
+            )
