@@ -24,12 +24,14 @@ that the link used 127.0.0.1 and knew no other destination.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,16 @@ def isolated() -> None:
         pytest.skip(reason)
 
 
+def _wait_unreaped(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Waits for ``process`` to exit without reaping it (WNOWAIT); False if it still runs after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def run_exchange(workdir: Path, sqlite_template: Path, *, tuned: bool) -> dict[str, Any]:
     """Runs the helper in a fresh namespace with only lo up; returns its result, or fails with its log."""
     database = workdir / "hivewire.db"
@@ -83,12 +95,14 @@ def run_exchange(workdir: Path, sqlite_template: Path, *, tuned: bool) -> dict[s
     with log_path.open("wb") as log:
         # Its own session, so a stuck run is killed with everything it started (server, chromedriver, Chromium).
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = process.wait(timeout=HELPER_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        finished = _wait_unreaped(process, HELPER_TIMEOUT_S)
+        # Whatever is left in the helper's session (a server or browser it could not stop, or all of it after
+        # a timeout) goes too. The helper is not reaped yet, so its id still names this session alone.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            pytest.fail(f"the exchange did not finish in {HELPER_TIMEOUT_S} s:\n{log_path.read_text()[-6000:]}")
+        returncode = process.wait()
+    if not finished:
+        pytest.fail(f"the exchange did not finish in {HELPER_TIMEOUT_S} s:\n{log_path.read_text()[-6000:]}")
     assert returncode == 0, f"the exchange failed (exit {returncode}):\n{log_path.read_text()[-6000:]}"
     result: dict[str, Any] = json.loads((workdir / "result.json").read_text())
     return result
