@@ -54,6 +54,9 @@ PREAMBLE = struct.Struct(f"!4s{TOKEN_BYTES}s")
 ACK = b"\x01"  # the listener's answer to a preamble it recognised: start TLS now
 READY = b"\x02"  # sent by the listener inside TLS once it verified the dialer: the stream is usable
 LENGTH = struct.Struct("!I")
+# asyncio's StreamReader pauses the socket above twice its limit (64 KiB by default): room for a few whole
+# frames instead, so reading a 256 KiB frame does not stop and restart the socket several times.
+STREAM_LIMIT_BYTES = 2**20
 MAX_PENDING_CONNECTIONS = 64  # incoming connections still in their preamble or handshake; more are reset
 _LOGGED_REFUSALS = 10
 _HASHES = {"sha-256": hashes.SHA256(), "sha-384": hashes.SHA384(), "sha-512": hashes.SHA512()}
@@ -285,7 +288,9 @@ class DirectEndpoint:
         ports = range(settings.port_min, settings.port_max + 1)
         for port in ports:
             try:
-                return await asyncio.start_server(self._accept, host, port, reuse_address=True)
+                return await asyncio.start_server(
+                    self._accept, host, port, reuse_address=True, limit=STREAM_LIMIT_BYTES
+                )
             except OSError as exc:
                 last = exc
         logger.warning("direct TLS path: cannot listen on %s ports %d..%d: %s", host, ports[0], ports[-1], last)
@@ -487,7 +492,7 @@ class DirectSession:
         assert self._peer_cert is not None
         settings = self._settings
         async with asyncio.timeout(settings.connect_timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT_BYTES)
         try:
             async with asyncio.timeout(settings.handshake_timeout_s):
                 writer.write(PREAMBLE.pack(MAGIC, self._peer_token))
