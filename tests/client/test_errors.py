@@ -229,6 +229,20 @@ def test_not_a_device(home: Path, device: str) -> None:
     assert_advice(result, errors.DeviceUnavailable.advice, "is not a torch device")
 
 
+@pytest.mark.parametrize(
+    ("device", "error"),
+    [("meta", "holds no data"), ("mps", "no Apple GPU"), ("xpu", "--device xpu: ")],
+)
+def test_devices_this_computer_lacks_are_named_in_one_line(home: Path, device: str, error: str) -> None:
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this computer has an Apple GPU")
+    if device == "xpu" and torch.xpu.is_available():
+        pytest.skip("this computer has an Intel GPU")
+    result = hivewire(home, "join", f"http://{LOOPBACK}:9/runs/any-run", "--device", device)
+    assert_advice(result, errors.DeviceUnavailable.advice, error)
+    assert len(result.stderr.splitlines()[0]) < 300
+
+
 class ClockSkewedServer(FakeServer):
     """Answers a join with a certificate whose times say this computer's clock is off by an hour."""
 

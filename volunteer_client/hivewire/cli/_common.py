@@ -69,6 +69,10 @@ def check_device(spec: str) -> None:
         raise DeviceUnavailable(f"--device {spec!r} is not a torch device (cpu, cuda, cuda:1, mps): {exc}") from exc
     if device.type == "cpu":
         return
+    if device.type == "meta":  # shapes without data: it would "train" on nothing
+        raise DeviceUnavailable(f"--device {spec}: the meta device holds no data and cannot train")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable(f"--device {spec}: PyTorch finds no Apple GPU (MPS) here")
     if device.type == "cuda":
         if torch.version.cuda is None:
             raise DeviceUnavailable(
@@ -83,7 +87,8 @@ def check_device(spec: str) -> None:
     try:
         torch.empty(1, device=device)  # the same first step training takes on it
     except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for backends it was built without
-        raise DeviceUnavailable(f"--device {spec}: {exc}") from exc
+        first_sentence = str(exc).split(". ")[0].splitlines()[0][:200]  # torch's messages run to pages
+        raise DeviceUnavailable(f"--device {spec}: {first_sentence}") from exc
 
 
 def friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
