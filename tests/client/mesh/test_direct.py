@@ -319,3 +319,21 @@ async def test_announced_addresses_outside_unicast_are_not_dialled(direct_pair, 
     b.send_control(hello)
     await until(lambda: session._peer_cert is not None)
     assert session._peer_addresses == [(LOOPBACK, 80)], "only the SDP's own candidate, with the announced port"
+
+
+async def test_after_a_drop_the_direct_path_comes_back(direct_pair, endpoints) -> None:
+    quick = DirectSettings(listen_addresses=(LOOPBACK,), connect_timeout_s=1.0, redial_after_s=0.3)
+    a, b = await direct_pair(await endpoints(quick), await endpoints(quick))
+    await until(lambda: a.path == b.path == PATH_DIRECT)
+    first = a.direct_stream
+    assert first is not None
+    first.abort("killed by the test")
+    await until(lambda: a.path == b.path == PATH_WEBRTC)
+    payload = os.urandom(300_000)
+    assert await exchange(a, b, [payload]) == [(1, bytearray(payload))]  # over whichever path is up
+    await until(lambda: a.path == b.path == PATH_DIRECT)
+    assert a.direct_stream is not first
+    before = a.stats.payloads_sent_direct
+    assert await exchange(a, b, [payload]) == [(2, bytearray(payload))]
+    assert a.stats.payloads_sent_direct == before + 1
+    assert a.stats.direct_streams_lost == 1
