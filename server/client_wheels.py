@@ -58,7 +58,8 @@ class ClientWheels:
         self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}
         self._warned: set[str] = set()
 
-    def list(self) -> list[ClientWheel]:
+    def available(self) -> list[ClientWheel]:
+        """Every servable wheel, newest version first."""
         if self.directory is None:
             return []
         try:
@@ -72,14 +73,14 @@ class ClientWheels:
         return wheels
 
     def newest(self) -> ClientWheel | None:
-        wheels = self.list()
+        wheels = self.available()
         return wheels[0] if wheels else None
 
     def get(self, filename: str) -> ClientWheel | None:
         """The listed wheel with exactly this name, or None (also for any name that is not a wheel name)."""
         if not WHEEL_NAME.fullmatch(filename):
             return None
-        return next((wheel for wheel in self.list() if wheel.filename == filename), None)
+        return next((wheel for wheel in self.available() if wheel.filename == filename), None)
 
     def _wheel(self, entry: os.DirEntry[str]) -> ClientWheel | None:
         match = WHEEL_NAME.fullmatch(entry.name)

@@ -190,7 +190,7 @@ def test_without_wheels_the_join_page_names_the_package_index(
 
 def test_unset_directory_serves_nothing() -> None:
     wheels = ClientWheels(None)
-    assert (wheels.list(), wheels.newest(), wheels.get("hivewire-0.1.0-py3-none-any.whl")) == ([], None, None)
+    assert (wheels.available(), wheels.newest(), wheels.get("hivewire-0.1.0-py3-none-any.whl")) == ([], None, None)
     assert install_command("https://hive.example.org", None) == "pip install hivewire"
 
 

@@ -35,7 +35,7 @@ def list_wheels(wheels: WheelsDep, settings: SettingsDep) -> ClientWheelsPublic:
             sha256=wheel.sha256,
             url=f"{settings.base_url}/downloads/{wheel.filename}",
         )
-        for wheel in wheels.list()
+        for wheel in wheels.available()
     ]
     return ClientWheelsPublic(data=data, count=len(data))
 
