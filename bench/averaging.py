@@ -233,12 +233,13 @@ def run_job(job: Job) -> Outcome:
     outcome = Outcome()
     replies: dict[int, Any] = {}
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    pending = {receiving: rank for rank, (receiving, _) in enumerate(results)}
+    pending: dict[Connection, int] = {receiving: rank for rank, (receiving, _) in enumerate(results)}
     while pending and time.monotonic() < deadline:
         for ready in wait(list(pending), timeout=5.0):
-            rank = pending.pop(ready)  # type: ignore[call-overload]
+            assert isinstance(ready, Connection)
+            rank = pending.pop(ready)
             try:
-                replies[rank] = ready.recv()  # type: ignore[union-attr]
+                replies[rank] = ready.recv()
             except EOFError:
                 replies[rank] = ("error", f"peer {rank} exited without a result")
     for process in processes:
