@@ -1,5 +1,4 @@
-"""Transport benchmark on loopback: what our framing costs on top of aiortc, what the tuning gains, and where
-the direct TLS path stands.
+"""Transport benchmark on loopback: framing cost, SCTP tuning gain and the direct TLS path, against baselines.
 
 Prints one table, with baselines from the same run and ratios; it never asserts on time.
 
