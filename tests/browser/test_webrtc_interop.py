@@ -39,15 +39,15 @@ import pytest
 
 from tests.browser.conftest import needs_browser
 from tests.browser.webrtc_peer.interop import CORRUPT_SIZE, PAYLOAD_SIZES, SECOND_LINK_SIZES
+from tests.support import LOOPBACK
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, needs_browser]
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = "tests.browser.webrtc_peer.interop"
-# The exchange takes ~20 s on the shared 2-core box (server and Chromium start-up included); a helper
-# still running after this is stuck, and its whole process group is killed.
+# The exchange takes ~20 s on the idle 2-core box and 30-40 s at a load average of 15 (server and Chromium
+# start-up included); a helper still running after this is stuck, and its whole session is killed.
 HELPER_TIMEOUT_S = 120.0
-LOOPBACK = "127.0.0.1"
 # Chromium reports its sockets bound to the any-address as local candidates; they are never a destination.
 ANY_ADDRESSES = {"0.0.0.0", "::"}  # noqa: S104
 
@@ -67,6 +67,7 @@ def _namespace_unavailable() -> str | None:
 
 @pytest.fixture(scope="module")
 def isolated() -> None:
+    """Skips, saying why, where no network namespace can be made: the exchange never runs outside one."""
     reason = _namespace_unavailable()
     if reason is not None:
         pytest.skip(reason)
