@@ -60,19 +60,34 @@ def _serve(settings: Settings, host: str, port: int) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(), access_log=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hivewire-server", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
-    wait = commands.add_parser("wait-for-db", help="wait until the database answers")
-    wait.add_argument("--timeout", type=float, default=60.0, help="seconds")
-    serve = commands.add_parser("serve", help="migrate, then serve HTTP")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+def _parser() -> argparse.ArgumentParser:
+    """Every command and option with help; settings come from the environment (docs/operations.md)."""
+    parser = argparse.ArgumentParser(
+        prog="hivewire-server",
+        description="The Hivewire coordinator server: database migrations, serving, and administration.",
+        epilog="Settings (DATABASE_URL, PUBLIC_URL, secrets, ...) come from environment variables; "
+        "docs/operations.md lists them all.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+    command("migrate", "bring the database schema to the newest revision (alembic upgrade head)")
+    wait = command("wait-for-db", "wait until the database answers, for container start-up")
+    wait.add_argument("--timeout", type=float, default=60.0, help="seconds to wait before giving up (default: 60)")
+    serve = command("serve", "migrate the database, then serve HTTP and the signaling WebSockets")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
     serve.add_argument("--no-migrate", action="store_true", help="skip migrations (another process ran them)")
-    organizer = commands.add_parser("make-organizer", help="give a user the organizer role")
-    organizer.add_argument("email")
-    commands.add_parser("rotate-keys", help="start signing certificates with a new key")
+    organizer = command("make-organizer", "give a user who has signed in once the organizer role")
+    organizer.add_argument("email", help="the user's email address")
+    command("rotate-keys", "start signing certificates with a new key; old keys stay published until they expire")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     settings = Settings()

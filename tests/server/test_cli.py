@@ -1,6 +1,7 @@
 """`hivewire-server`: the start-up sequence the container runs (wait for the database, migrate, serve),
 run here as real processes, and the administrative commands."""
 
+import argparse
 import asyncio
 import os
 import subprocess
@@ -13,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from hivewire_server.cli import main
+from hivewire_server.cli import _parser, main
 from hivewire_server.core.migrate import MIGRATION_LOCK_KEY
 from tests.conftest import PASSWORD, _postgres_admin, _postgres_url
 from tests.support import free_port
@@ -116,3 +117,30 @@ def test_replicas_starting_together_migrate_once(postgres_env: dict[str, str]) -
     applied = [result.stderr.count("Running upgrade") for result in results]
     assert sorted(applied) == [0, len(list((REPO / "migrations" / "versions").glob("0*.py")))], applied
     assert all("another server is migrating this database" in result.stderr for result in results)
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [action for action in _parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_each_server_command_explains_itself_and_its_options(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([name, "--help"])
+    assert exited.value.code == 0
+    page = " ".join(capsys.readouterr().out.split())
+    command = _subcommands()[name]
+    assert command.description and len(command.description) > 20
+    assert " ".join(command.description.split()) in page
+    for action in command._actions:
+        assert action.help, f"{name}: {action.dest} has no help"
+        assert " ".join(action.help.split()) in page
+
+
+def test_server_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    page = capsys.readouterr().out
+    assert "docs/operations.md" in page
+    assert all(name in page for name in _subcommands())
