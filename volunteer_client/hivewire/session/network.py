@@ -64,8 +64,7 @@ logger = logging.getLogger(__name__)
 
 CATCH_UP_INTERVAL_S = 0.25  # how often we check whether the run moved past our epoch (a joiner races its round)
 LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
-LINGER_S = 5.0  # at most this long for the bulk channels to drain before leaving
-LINGER_GRACE_S = 0.5  # then this long for the last packets to be acknowledged
+LINGER_S = 5.0  # at most this long for the neighbours to take what we sent them before the links close
 _POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
 
 
@@ -195,9 +194,12 @@ class NetworkSide:
         a result another member still waits for, and that member would keep its own values (and diverge).
         """
         links = [link for peer in self.mesh.neighbours if (link := self.mesh.link(peer)) is not None]
-        drained = await _poll_until(lambda: all(link.bulk_channel.bufferedAmount == 0 for link in links), LINGER_S)
-        if drained and links:
-            await asyncio.sleep(LINGER_GRACE_S)  # bufferedAmount counts what SCTP has yet to send, not acks
+        # Link.flush returns once the peer released (consumed or refused) every payload: delivered, not merely
+        # handed to SCTP or TCP. All links at once, so the wait is LINGER_S at most in all.
+        flushed = await asyncio.gather(*(link.flush(LINGER_S) for link in links))
+        if not all(flushed):
+            stuck = [link.peer for link, done in zip(links, flushed, strict=True) if not done]
+            logger.info("left with payloads that %s had not taken within %s s", stuck, LINGER_S)
 
     # ------------------------------------------------------------------------------ the trainer's side
 
