@@ -26,16 +26,18 @@ COPY volunteer_client/ volunteer_client/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./volunteer_client
 
 FROM python:3.11-slim
+# CLIENT_WHEEL_DIR: the wheel copied below is served even by a bare `docker run` (compose sets it too).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    CLIENT_WHEEL_DIR=/app/wheels
 # A fixed uid, so the ownership of the server-data volume stays the same across rebuilds.
 RUN groupadd --system --gid 10001 hivewire \
     && useradd --system --uid 10001 --gid hivewire --home-dir /app --no-create-home hivewire \
     && mkdir -p /app/var \
     && chown hivewire:hivewire /app/var
 COPY --from=build /opt/venv /opt/venv
-# Read-only for the server user (owned by root); CLIENT_WHEEL_DIR in docker-compose.yml points here.
+# Read-only for the server user (owned by root).
 COPY --from=client-wheel /wheels/ /app/wheels/
 COPY --chmod=0755 docker/prestart.sh /usr/local/bin/prestart.sh
 # The server's relative paths (var/) resolve here; /app/var is the server-data volume in docker-compose.yml.

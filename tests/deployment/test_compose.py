@@ -558,6 +558,8 @@ def test_server_image_carries_the_client_wheel_where_compose_points() -> None:
     assert any(re.search(r"pip wheel .*--no-deps .*--wheel-dir /wheels \./volunteer_client$", run) for run in runs)
     copies = [arguments.split() for instruction, arguments in stages["final"] if instruction == "COPY"]
     assert ["--from=client-wheel", "/wheels/", "/app/wheels/"] in copies
+    environment = " ".join(arguments for instruction, arguments in stages["final"] if instruction == "ENV")
+    assert "CLIENT_WHEEL_DIR=/app/wheels" in environment.split()
     wheel_dir = _REFERENCE.fullmatch(server_environment()["CLIENT_WHEEL_DIR"])
     assert wheel_dir is not None
     assert (wheel_dir["name"], wheel_dir["op"], wheel_dir["arg"]) == ("CLIENT_WHEEL_DIR", "-", "/app/wheels")
