@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +16,7 @@ from hivewire.coordination import (
     ProgressTracker,
     announce_interval_s,
     estimate_global_progress,
+    measured_throughput,
     sign_progress,
 )
 from hivewire.identity import CertificateVerifier
@@ -229,3 +231,26 @@ def test_settings_are_checked() -> None:
         ProgressSettings(target_batch_size=1, max_announce_interval_s=60.0)
     with pytest.raises(ValueError, match="gossip_hops"):
         ProgressSettings(target_batch_size=1, gossip_hops=0)
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ({}, 0.0),  # no link has measured yet
+        ({"b": 2e6, "c": 5e6}, 5e6),  # the best link
+        ({"b": None, "c": math.inf, "d": -1.0, "e": True, "f": "fast", "g": 7.0}, 7.0),  # junk counts as nothing
+    ],
+)
+def test_the_measured_throughput_is_the_best_sound_link_rate(rates: dict[str, object], expected: float) -> None:
+    hub = GossipHub()
+    transport = hub.join("a")
+    for peer in ("b", "c", "d", "e", "f", "g"):
+        hub.join(peer)
+        hub.link("a", peer)
+    transport.throughputs = rates  # type: ignore[assignment]  # junk on purpose
+    assert measured_throughput(transport) == expected
+
+
+def test_a_transport_without_links_measures_nothing() -> None:
+    bare = SimpleNamespace(peer_id="a", neighbours=["b"])  # sends and hears records, holds no Links
+    assert measured_throughput(bare) == 0.0  # type: ignore[arg-type]
