@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from hivewire.coordination import Matchmaker, MatchmakingSettings, ProgressSettings, ProgressTracker
-from hivewire.identity import CertificateVerifier
+from hivewire.identity import CertificateVerifier, peer_id_from_key
 from tests.client._fakes import RUN
 from tests.client.coordination._links import LinkSwarm
 from tests.client.coordination._support import Member
@@ -63,3 +64,18 @@ async def test_a_line_of_three_gossips_gets_ready_and_agrees_on_one_round(
     finally:
         for tracker in trackers:
             await tracker.close()
+
+
+async def test_a_member_whose_links_die_is_dropped_without_waiting_out_agreement(link_swarm: LinkSwarm) -> None:
+    peers = sorted(peer_id_from_key(os.urandom(32)) for _ in range(3))
+    transports = {peer: link_swarm.join(peer) for peer in peers}
+    a, b, dead = peers
+    for x, y in ((a, b), (a, dead), (b, dead)):
+        await within(link_swarm.link(x, y), f"linking {x} and {y}")
+    # Deadlines beyond the test's 10 s bound: only the link stage (a closed link) or the response stage may act.
+    settings = MatchmakingSettings(connect_timeout_s=50.0, response_timeout_s=1.0, agreement_timeout_s=60.0)
+    matchmakers = {peer: Matchmaker(transports[peer], settings) for peer in (a, b)}
+    await transports[dead].close()  # its process died: its progress record still puts it in every view
+    groups = await within(asyncio.gather(*(matchmakers[peer].matchmake(2, peers) for peer in (a, b))), "agreement")
+    assert {(group.attempt, group.members) for group in groups} == {(1, (a, b))}
+    assert len({group.round_id for group in groups}) == 1
