@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import LOOPBACK, free_port
 
-SERVER_START_TIMEOUT_S = 20.0  # a server that does not answer /healthz by then failed to start
+SERVER_START_TIMEOUT_S = 60.0  # a server that does not answer /healthz by then failed to start (CI runs loaded)
 SERVER_STOP_TIMEOUT_S = 10.0  # then it is killed
 SESSION_SECRET = "live-server-session-secret-0123456789abcdef"
 
@@ -20,7 +20,8 @@ SESSION_SECRET = "live-server-session-secret-0123456789abcdef"
 class Server:
     """The real server in its own process; stop() and start() again keep the port and the database."""
 
-    def __init__(self, database: Path, log: Path) -> None:
+    def __init__(self, database: Path, log: Path, *, start_timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+        self.start_timeout_s = start_timeout_s
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self._log = log
@@ -38,7 +39,7 @@ class Server:
         command = [sys.executable, "-m", "hivewire_server.cli", "serve", "--no-migrate", "--port", str(self.port)]
         with self._log.open("ab") as log:
             self._process = subprocess.Popen(command, env=self._env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline and self._process.poll() is None:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
@@ -46,7 +47,9 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        pytest.fail(f"server {self.url} did not start (exit {self._process.poll()}):\n{self._log.read_text()[-3000:]}")
+        status = self._process.poll()
+        self.stop()  # a server that failed to answer in time must not outlive the test
+        pytest.fail(f"server {self.url} did not start (exit {status}):\n{self._log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         """Terminate (the server closes signaling sockets with 1001), kill if it lingers."""
