@@ -333,6 +333,8 @@ async def test_after_a_drop_the_direct_path_comes_back(direct_pair, endpoints) -
     assert await exchange(a, b, [payload]) == [(1, bytearray(payload))]  # over whichever path is up
     await until(lambda: a.path == b.path == PATH_DIRECT)
     assert a.direct_stream is not first
+    # Payloads move to the stream only once none sent over the data channel is unreleased (no race).
+    assert await a.flush(DEADLINE_S)
     before = a.stats.payloads_sent_direct
     assert await exchange(a, b, [payload]) == [(2, bytearray(payload))]
     assert a.stats.payloads_sent_direct == before + 1
