@@ -141,6 +141,17 @@ def test_answers_breaking_the_schema_are_refused() -> None:
         answer(200, {"data": [bad_run], "count": 1}).runs()
 
 
+def test_run_limits_default_for_older_servers_and_are_checked() -> None:
+    older = api_answering(lambda request: httpx.Response(200, json={"data": [RUN_SPEC], "count": 1})).runs()
+    assert (older.data[0].status, older.data[0].max_peers) == ("open", 0)
+    closed = {**RUN_SPEC, "status": "closed", "max_peers": 5}
+    newer = api_answering(lambda request: httpx.Response(200, json={"data": [closed], "count": 1})).runs()
+    assert (newer.data[0].status, newer.data[0].max_peers) == ("closed", 5)
+    paused = {**RUN_SPEC, "status": "paused"}
+    with pytest.raises(errors.InvalidResponse, match="status"):
+        api_answering(lambda request: httpx.Response(200, json={"data": [paused], "count": 1})).runs()
+
+
 def test_run_list_parses() -> None:
     runs = answer(200, {"data": [RUN_SPEC], "count": 1}).runs()
     assert runs.data == [RunSpec.model_validate(RUN_SPEC)]

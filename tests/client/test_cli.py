@@ -33,6 +33,7 @@ class FakeServer:
         self.jwks = JWKSServer(self.key)
         self.pending_polls = 1
         self.peer_key_override: bytes | None = None
+        self.runs: list[dict[str, object]] = [RUN_SPEC]
         self.paths: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -61,7 +62,7 @@ class FakeServer:
         if path == "/api/me":
             return httpx.Response(200, json=ME)
         if path == "/api/runs":
-            return httpx.Response(200, json={"data": [RUN_SPEC], "count": 1})
+            return httpx.Response(200, json={"data": self.runs, "count": len(self.runs)})
         if path == f"/api/runs/{RUN}/join":
             peer_key = decode_peer_key(json.loads(request.content)["peer_key"])
             certified = self.peer_key_override or peer_key
@@ -131,6 +132,16 @@ def test_whoami_and_runs_use_the_last_login(home: Path, server: FakeServer) -> N
     assert result.exit_code == 0, result.output
     assert "tiny-lm" in result.stdout
     assert f"hivewire join {SERVER}/runs/tiny-lm" in result.stdout
+
+
+def test_runs_marks_closed_runs_instead_of_offering_to_join(home: Path, server: FakeServer) -> None:
+    signed_in(home)
+    server.runs = [RUN_SPEC, {**RUN_SPEC, "slug": "old-run", "name": "Old", "status": "closed", "max_peers": 3}]
+    result = hivewire(home, server, "runs")
+    assert result.exit_code == 0, result.output
+    assert f"hivewire join {SERVER}/runs/tiny-lm" in result.stdout
+    assert "closed: its organizer takes no new volunteers" in result.stdout
+    assert f"{SERVER}/runs/old-run" not in result.stdout
 
 
 def test_commands_without_login_give_advice_and_touch_nothing(home: Path, server: FakeServer) -> None:

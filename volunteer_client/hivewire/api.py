@@ -111,6 +111,9 @@ class RunSpec(_Record):
     compression: Literal["none", "fp16", "int8"]
     visibility: Literal["public", "private"]
     join_policy: Literal["open", "allowlist"]
+    # Defaults for servers older than these fields: open, no limit.
+    max_peers: int = Field(default=0, ge=0, le=100_000)
+    status: Literal["open", "closed"] = "open"
 
 
 class RunList(_Record):

@@ -23,4 +23,7 @@ def command(
     for run in runs.data:
         recipe = f"{run.recipe} {printable(run.recipe_version, 32)}"
         typer.echo(f"{run.slug:<{width}}  {recipe:<24}  {run.strategy:<7}  {printable(run.name, 100)}")
-        typer.echo(f"{'':<{width}}  join: hivewire join {config.server}/runs/{run.slug}")
+        if run.status == "closed":
+            typer.echo(f"{'':<{width}}  closed: its organizer takes no new volunteers")
+        else:
+            typer.echo(f"{'':<{width}}  join: hivewire join {config.server}/runs/{run.slug}")
