@@ -257,7 +257,6 @@ def test_each_command_help_describes_it_and_every_option(name: str) -> None:
         assert collapsed(parameter.help) in page, f"{name}: the help of {parameter.name} is cut on the page"
 
 
-@MARKUP_EATS_DEFAULTS
 def test_global_option_help_reaches_the_page() -> None:
     page = rendered(CliRunner().invoke(app, ["--help"]))
     home_option = next(p for p in typer.main.get_command(app).params if p.name == "home")

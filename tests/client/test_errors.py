@@ -258,16 +258,9 @@ class ClockSkewedServer(FakeServer):
         return httpx.Response(200, json=join_body(certificate=certificate, peer_id=peer_id_from_key(peer_key)))
 
 
-# PyJWT checks `iat` itself (ImmatureSignatureError) before identity.py's own "issued in the future" check, and
-# identity.py passes PyJWT's words on as the reason; it needs its own `except jwt.ImmatureSignatureError` branch.
-FUTURE_NEEDS_IDENTITY_FIX = pytest.mark.xfail(
-    strict=True, reason="identity.py names a future iat 'The token is not yet valid (iat)', not 'issued in the future'"
-)
-
-
 @pytest.mark.parametrize(
     ("offset_s", "reason"),
-    [(-7200, "expired"), pytest.param(3600, "issued in the future", marks=FUTURE_NEEDS_IDENTITY_FIX)],
+    [(-7200, "expired"), (3600, "issued in the future")],
     ids=["expired", "future"],
 )
 def test_certificate_times_point_at_the_clock(home: Path, offset_s: int, reason: str) -> None:

@@ -262,6 +262,8 @@ class CertificateVerifier:
             raise CertificateError("expired") from exc
         except jwt.InvalidSignatureError as exc:
             raise CertificateError("bad signature") from exc
+        except jwt.ImmatureSignatureError as exc:  # PyJWT checks iat before _check_claims can
+            raise CertificateError("issued in the future") from exc
         except jwt.PyJWTError as exc:
             raise CertificateError(str(exc) or type(exc).__name__) from exc
         return self._check_claims(token, kid, claims, run)

@@ -28,7 +28,7 @@ def _global_options(
     home: Annotated[
         Path | None,
         typer.Option(
-            help="Directory for config, credentials and peer key [default: $HIVEWIRE_HOME or ~/.config/hivewire]"
+            help="Directory for config, credentials and peer key (default: $HIVEWIRE_HOME, else ~/.config/hivewire)"
         ),
     ] = None,
 ) -> None:
