@@ -63,6 +63,7 @@ from hivewire.signaling import DescriptionVerifier, SignalingClient
 logger = logging.getLogger(__name__)
 
 CATCH_UP_INTERVAL_S = 0.25  # how often we check whether the run moved past our epoch (a joiner races its round)
+MAX_DONORS = 4  # neighbours a late joiner downloads the state from at once
 LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
 LINGER_S = 5.0  # at most this long for the neighbours to take what we sent them before the links close
 _POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
@@ -392,7 +393,7 @@ class NetworkSide:
                     view.epoch,
                     view.local_epoch,
                     "" if view.epoch > view.local_epoch else " with other parameters (a round we missed)",
-                    donors[0],
+                    ", ".join(donors[:MAX_DONORS]),
                 )
                 state = await self._download(view.epoch, donors)
             if state is None:
@@ -401,21 +402,19 @@ class NetworkSide:
             await _poll_until(functools.partial(self._loaded, state), LOADED_TIMEOUT_S)
 
     async def _download(self, epoch: int, peers: tuple[str, ...]) -> StateBlob | None:
-        """The state of ``epoch`` from the first of ``peers`` that delivers it; None when none does.
+        """The state of ``epoch`` in chunks from up to MAX_DONORS of ``peers`` at once; None when none delivers.
 
-        The caller holds the bulk lock (or no round can run yet): the download reads a bulk channel.
+        The caller holds the bulk lock (or no round can run yet): the download reads the bulk channels.
         """
-        for donor in (peer for peer in peers if peer != self.me):
-            try:
-                donor_epoch, blob = await self.states.download(donor)
-            except MeshError as exc:  # StateError, or no link to the donor
-                logger.warning("state download from %s failed: %s", donor, exc)
-                continue
-            record = self.tracker.records().get(donor)
-            param_hash = record.param_hash if record is not None and record.epoch == donor_epoch else None
-            return StateBlob(donor_epoch, blob, donor, param_hash)
-        logger.warning("no peer at epoch %d delivered its state; will retry", epoch)
-        return None
+        donors = tuple(peer for peer in peers if peer != self.me)[:MAX_DONORS]
+        try:
+            donor_epoch, blob, served = await self.states.download(donors)
+        except MeshError as exc:  # StateError: no offer, or chunks that could not all be had intact
+            logger.warning("download of the state of epoch %d from %s failed: %s; will retry", epoch, list(donors), exc)
+            return None
+        records = self.tracker.records()
+        hashes = [record.param_hash for peer in served if (record := records.get(peer)) and record.epoch == donor_epoch]
+        return StateBlob(donor_epoch, blob, ", ".join(served), hashes[0] if hashes else None)
 
     def _spawn(self, work: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=f"hivewire-network-{name}")
