@@ -4,7 +4,9 @@ No packet leaves loopback: coturn listens and relays on 127.0.0.1 (and 127.0.0.2
 open its alternate port), the server hands out only those addresses, and host candidates are restricted
 to 127.0.0.1 for the whole module. Proves: host, server-reflexive and relay candidates, the NAT mapping
 check with two STUN ports and its honest "unknown" with one, a TURN allocation refused for a wrong secret
-with advice, and the exit status; plus the advice when not signed in or when the server is unreachable.
+with advice, the data path step, a live peer's path, round trip and throughput (or why not measured), and
+the exit status; plus the advice when not signed in or when the server is unreachable. The path and
+throughput helpers and the probe records are unit-tested at the end.
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ from typer.testing import CliRunner, Result
 
 from hivewire.api import HivewireAPI
 from hivewire.cli import CliState, app
+from hivewire.doctor import (
+    PROBE_MAX_BYTES,
+    PROBE_SCHEMAS,
+    ProbeResponder,
+    Status,
+    link_path,
+    throughput_summary,
+    transport_check,
+)
 from hivewire.identity import CertificateVerifier, PeerIdentity
-from hivewire.mesh import restrict_host_addresses
+from hivewire.mesh import ControlCodec, ControlRecordError, Link, restrict_host_addresses
 from hivewire.mesh.manager import Mesh
 from hivewire.signaling import DescriptionVerifier, SignalingClient
 from hivewire_server.main import create_app
@@ -180,27 +191,51 @@ def peer_loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def on_loop(loop: asyncio.AbstractEventLoop, work: Coroutine[object, object, Mesh | None]) -> Mesh | None:
+def on_loop(loop: asyncio.AbstractEventLoop, work: Coroutine[object, object, Any]) -> Any:
     return asyncio.run_coroutine_threadsafe(work, loop).result(START_TIMEOUT_S)
 
 
-async def start_live_peer(url: str, certificates: CertificateVerifier) -> Mesh:
-    """Another volunteer's client: joins with its own key and user, meshes through the server's signaling."""
+class RecordingMesh(Mesh):
+    """A mesh that keeps every link it adopted, so a test can read a link's counters after it closed."""
+
+    adopted: list[Link]
+    responder: ProbeResponder | None
+
+    def _adopt(self, link: Link) -> None:
+        self.adopted.append(link)
+        super()._adopt(link)
+
+
+async def start_live_peer(url: str, certificates: CertificateVerifier, *, probes: bool) -> RecordingMesh:
+    """Another volunteer's client: joins with its own key and user, meshes through the server's signaling.
+
+    With ``probes`` it takes the doctor's throughput probes (``mesh.responder``); without, it is what a
+    volunteer's client is today: the probe record is unknown to it and refused.
+    """
     with httpx.Client(base_url=url, timeout=10.0) as http:
         token = new_user(http, "lena").token  # type: ignore[arg-type]
     key = Ed25519PrivateKey.generate()
     identity = PeerIdentity(private_key=key, public_key_raw=key.public_key().public_bytes_raw())
     with HivewireAPI(url, token) as api:
         joined = api.join(RUN["slug"], identity.peer_key)
-    mesh = Mesh(
+    mesh = RecordingMesh(
         identity,
         lambda: joined.certificate,
         DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
         ice_servers=[ice.model_dump(exclude_none=True) for ice in joined.ice_servers],
         signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate),
+        schemas=PROBE_SCHEMAS if probes else (),
     )
+    mesh.adopted = []
+    mesh.responder = ProbeResponder(mesh) if probes else None
     await mesh.start(joined.initial_peers)
     return mesh
+
+
+async def stop_live_peer(mesh: RecordingMesh) -> None:
+    if mesh.responder is not None:
+        await mesh.responder.close()
+    await mesh.close()
 
 
 def hivewire(home: Path, *args: str, env: dict[str, str] | None = None) -> Result:
@@ -235,8 +270,9 @@ def test_doctor_finds_direct_and_relayed_paths(start_server: ServerFactory, cotu
     assert lines[3].startswith("✓ 3. STUN and NAT mapping: public address 127.0.0.1:"), result.output
     assert "endpoint-independent mapping" in lines[3]
     assert lines[4].startswith(f"✓ 4. TURN relay: turn:{LOOPBACK}:{coturn}?transport=udp allocated relay 127.0.0.1:")
-    assert lines[5] == "- 5. Live peer: no live peer to test"
-    assert lines[6] == "✓ This computer can take part: directly, and through the TURN relay where needed."
+    assert lines[5] == "✓ 5. Data path: tuned SCTP active (aiortc 1.16.0), uvloop; direct TLS path enabled"
+    assert lines[6] == "- 6. Live peer: no live peer to test"
+    assert lines[7] == "✓ This computer can take part: directly, and through the TURN relay where needed."
     assert "→" not in result.stdout  # no advice when nothing is wrong
 
     code, report = doctor_json(tmp_path, run_url)
@@ -247,7 +283,15 @@ def test_doctor_finds_direct_and_relayed_paths(start_server: ServerFactory, cotu
         "summary": "can take part: directly, and through the TURN relay where needed",
     }
     found = steps(report)
-    assert [check["status"] for check in found.values()] == ["ok", "ok", "ok", "ok", "skip"]
+    assert [check["status"] for check in found.values()] == ["ok", "ok", "ok", "ok", "ok", "skip"]
+    assert found["transport"]["details"] == {
+        "sctp_tuning": True,
+        "aiortc": "1.16.0",
+        "tuned_for_aiortc": "1.16.0",
+        "sctp_tuning_setting": None,
+        "event_loop": "uvloop",
+        "direct_path": True,
+    }
     assert found["candidates"]["details"] == {"types": ["host", "srflx", "relay"]}
     assert found["nat"]["details"]["behaviour"] == "endpoint-independent"
 
@@ -338,22 +382,108 @@ def test_silent_second_stun_address_leaves_the_mapping_unknown(
 def test_doctor_links_to_a_live_peer(
     start_server: ServerFactory, coturn: int, tmp_path: Path, peer_loop: asyncio.AbstractEventLoop
 ) -> None:
-    """Another volunteer's mesh is up: the doctor links to it through signaling and times round trips."""
+    """A peer that takes probes: the doctor links through signaling, the bulk path comes up as direct TLS
+    on loopback, round trips are timed and a few MB of probe payloads are delivered and timed."""
     url = start_server(stun_urls=[f"stun:{LOOPBACK}:{coturn}"], turn_urls=[f"turn:{LOOPBACK}:{coturn}?transport=udp"])
     run_url = volunteer_in_a_run(url, tmp_path)
     certificates = CertificateVerifier(url)
-    live = on_loop(peer_loop, start_live_peer(url, certificates))
-    assert live is not None
+    live = on_loop(peer_loop, start_live_peer(url, certificates, probes=True))
     try:
         code, report = doctor_json(tmp_path, run_url)
+        probes = live.responder.probes
     finally:
-        on_loop(peer_loop, live.close())
+        on_loop(peer_loop, stop_live_peer(live))
         certificates.close()
     assert code == 0, report
     peer = steps(report)["peer"]
     assert peer["status"] == "ok", peer
-    assert peer["summary"].startswith(f"linked to {live.peer_id} directly (host to host), round trip "), peer
-    assert peer["summary"].endswith(" ms; throughput not measured"), peer
-    assert 0 < peer["details"]["rtt_ms"] < 1000
-    assert peer["details"]["pair"]["remote_address"].startswith(f"{LOOPBACK}:")
+    details = peer["details"]
+    assert details["path"] == "direct-tls", peer
+    assert details["path_label"] == "direct TLS"
+    assert details["direct_state"] == "up"
+    assert peer["summary"].startswith(
+        f"linked to {live.peer_id}: bulk over direct TLS (WebRTC control: host to host), round trip "
+    ), peer
+    assert 0 < details["rtt_ms"] < 1000
+    assert details["pair"]["remote_address"].startswith(f"{LOOPBACK}:")
+    assert probes == 1
+    assert details["probe_complete"] is True, peer
+    assert 0 < details["probe_bytes"] <= PROBE_MAX_BYTES
+    assert details["throughput_mb_s"] > 0
+    assert details["probe_seconds"] > 0
+    assert f"; throughput {details['throughput_mb_s']:.1f} MB/s (" in peer["summary"], peer
     assert report["verdict"]["code"] == "direct-and-relay"
+
+
+@SQLITE_ONLY
+def test_a_peer_without_a_probe_responder_gets_no_payloads(
+    start_server: ServerFactory, coturn: int, tmp_path: Path, peer_loop: asyncio.AbstractEventLoop
+) -> None:
+    """A volunteer's client as it is: it refuses the probe record, so the doctor sends it no bulk payload."""
+    url = start_server(stun_urls=[f"stun:{LOOPBACK}:{coturn}"], turn_urls=[])
+    run_url = volunteer_in_a_run(url, tmp_path)
+    certificates = CertificateVerifier(url)
+    live = on_loop(peer_loop, start_live_peer(url, certificates, probes=False))
+    try:
+        code, report = doctor_json(tmp_path, run_url)
+    finally:
+        on_loop(peer_loop, stop_live_peer(live))
+        certificates.close()
+    assert code == 0, report
+    peer = steps(report)["peer"]
+    assert peer["status"] == "ok", peer
+    assert peer["details"]["throughput_mb_s"] is None
+    assert peer["details"]["probe_bytes"] == 0
+    assert peer["summary"].endswith(
+        "; throughput not measured: the peer takes no probe payloads (a volunteer's "
+        "client reads bulk payloads only in an averaging round)"
+    ), peer
+    assert [(link.stats.payloads_received, link.stats.records_refused) for link in live.adopted] == [(0, 1)]
+
+
+def test_link_path_prefers_direct_then_relay_then_reflexive() -> None:
+    assert link_path(True, "relay", "host") == "direct-tls"
+    assert link_path(False, "host", "relay") == "turn-relay"
+    assert link_path(False, "relay", "srflx") == "turn-relay"
+    assert link_path(False, "srflx", "host") == "webrtc-srflx"
+    assert link_path(False, "prflx", "srflx") == "webrtc-srflx"
+    assert link_path(False, "host", "prflx") == "webrtc-prflx"
+    assert link_path(False, "host", "host") == "webrtc-host"
+
+
+def test_throughput_summary_is_an_upper_bound_when_incomplete() -> None:
+    rate, text = throughput_summary(8_000_000, 0.5, complete=True)
+    assert rate == pytest.approx(16.0)
+    assert text == "throughput 16.0 MB/s (8.0 MB in 0.50 s)"
+    rate, text = throughput_summary(3_000_000, 8.0, complete=False)
+    assert rate == pytest.approx(0.375)
+    assert text == "throughput under 0.4 MB/s (the peer had not taken all of 3.0 MB in 8.00 s)"
+
+
+def test_transport_check_says_why_tuning_is_off() -> None:
+    tuned = transport_check(tuned=True, aiortc_version="1.16.0", setting=None, event_loop="uvloop", direct_enabled=True)
+    assert tuned.status is Status.OK
+    off = transport_check(
+        tuned=False, aiortc_version="1.16.0", setting="Off", event_loop="asyncio", direct_enabled=False
+    )
+    assert off.status is Status.WARN
+    assert off.summary == (
+        "tuned SCTP off (HIVEWIRE_SCTP_TUNING=Off): data channels run at aiortc's default speed, "
+        "asyncio event loop (uvloop not installed); direct TLS path disabled"
+    )
+    assert off.advice is not None and off.advice.startswith("Unset HIVEWIRE_SCTP_TUNING")
+    other = transport_check(tuned=False, aiortc_version="1.9.0", setting=None, event_loop="uvloop", direct_enabled=True)
+    assert "aiortc 1.9.0 is installed, the tuning is written for 1.16.0" in other.summary
+    assert other.advice == "Install aiortc 1.16.0 (pip install aiortc==1.16.0) to get the tuned path."
+    assert other.details["sctp_tuning"] is False
+
+
+def test_probe_records_are_bounded() -> None:
+    codec = ControlCodec(PROBE_SCHEMAS)
+    assert codec.decode(codec.encode({"type": "doctor_probe", "bytes": PROBE_MAX_BYTES}))["bytes"] == PROBE_MAX_BYTES
+    with pytest.raises(ControlRecordError, match="outside"):
+        codec.validate({"type": "doctor_probe", "bytes": PROBE_MAX_BYTES + 1})
+    with pytest.raises(ControlRecordError, match="outside"):
+        codec.validate({"type": "doctor_probe_ready", "bytes": -1})
+    with pytest.raises(ControlRecordError, match="unknown record type 'doctor_probe'"):
+        ControlCodec().validate({"type": "doctor_probe", "bytes": 1})

@@ -4,22 +4,35 @@
 2. ICE gathering with the join's ICE servers: which candidate types appear (host, srflx, relay);
 3. STUN reachability and the NAT's mapping behaviour (two STUN destinations from one socket);
 4. TURN: a real allocation with the join's credentials;
-5. a link to a live peer through the run's signaling: round-trip time and the candidate pair it used.
+5. the data path this client would use: tuned SCTP on or off (and why), the event loop, the direct TLS path;
+6. a link to a live peer through the run's signaling: the path its bulk payloads take (direct TLS, WebRTC
+   host, server- or peer-reflexive, TURN relay), round-trip time, and a short throughput probe.
 
-Steps 2–5 run at once with lowered STUN retransmissions, so they end within about 15 s even when UDP is
-blocked and every probe has to time out. `decide` turns the steps into the verdict and the exit status.
+Steps 2–4 and 6 run at once with lowered STUN retransmissions, so they end within about 15 s even when UDP
+is blocked and every probe has to time out (a linked peer adds the probe, at most about 9 s). `decide`
+turns the steps into the verdict and the exit status.
+
+The throughput probe sends bulk payloads only to a peer that asked for them: a volunteer's client reads
+bulk payloads only inside an averaging round and does not tag them by consumer, so bytes it did not expect
+would sit in its queue holding credit. The doctor sends one ``doctor_probe`` record; a peer running a
+:class:`ProbeResponder` answers ``doctor_probe_ready`` and drains what follows; any other peer refuses the
+unknown record (one line in its log) and the doctor reports the throughput as not measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import aiortc
 from aioice.stun import TransactionFailed, TransactionTimeout
 
 from hivewire._text import printable
@@ -39,19 +52,35 @@ from hivewire.diagnostics import (
 )
 from hivewire.errors import HivewireError
 from hivewire.identity import CertificateVerifier, PeerCertificate, PeerIdentity
-from hivewire.mesh import Link, LinkSettings, MeshError
+from hivewire.mesh import DirectSettings, Link, LinkError, LinkSettings, MeshError, RecordSchema
+from hivewire.mesh.control import ControlRecordError
 from hivewire.mesh.manager import Mesh, MeshSettings
+from hivewire.mesh.tuning import (
+    ENV_SWITCH,
+    TUNED_AIORTC_VERSION,
+    apply_sctp_tuning,
+    remove_sctp_tuning,
+    sctp_tuning_active,
+)
 from hivewire.signaling import DescriptionVerifier, SignalingClient, SignalingSettings
 
 __all__ = [
+    "PATH_LABELS",
+    "PROBE_SCHEMAS",
     "Check",
     "PeerProbe",
+    "ProbeResponder",
     "Status",
     "Verdict",
     "decide",
+    "link_path",
     "network_checks",
     "server_check",
+    "throughput_summary",
+    "transport_check",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Bounds per stage, in seconds; the probes inside them give up on their own first (aioice: 5 s per server
 # query while gathering; STUN_RETRANSMISSIONS: 7.5 s per STUN or TURN transaction).
@@ -62,6 +91,14 @@ PEER_LINK_TIMEOUT_S = 15.0  # signaling, signed offer and answer, ICE, DTLS and 
 SIGNALING_START_TIMEOUT_S = 5.0  # until the server's welcome on the signaling WebSocket
 PEER_PING_INTERVAL_S = 0.2  # keepalive pings on the test link; each pong is one RTT sample
 PEER_RTT_SAMPLES = 5
+DIRECT_SETTLE_TIMEOUT_S = 4.0  # from the link open until the direct TLS path is up, unreachable or refused
+# The throughput probe: bulk payloads of PROBE_PAYLOAD_BYTES until PROBE_MAX_BYTES or PROBE_TIME_CAP_S,
+# whichever comes first, then at most PROBE_FLUSH_TIMEOUT_S until the peer took the last of them.
+PROBE_MAX_BYTES = 8 * 2**20
+PROBE_PAYLOAD_BYTES = 256 * 2**10  # ≥ 64 KiB, so the link's own rate samples count them too
+PROBE_TIME_CAP_S = 5.0
+PROBE_FLUSH_TIMEOUT_S = 3.0
+PROBE_ANSWER_TIMEOUT_S = 1.0  # for doctor_probe_ready; a peer without a responder never answers
 # Retransmissions of the recheck that tells "first STUN server silent" from "second one silent" (1.5 s).
 STUN_RECHECK_RETRANSMISSIONS = 1
 
@@ -125,6 +162,130 @@ class PeerProbe:
     peers: Sequence[str]  # live peers named by this machine's join, tried in order
 
 
+def _check_probe_bytes(record: Mapping[str, Any]) -> None:
+    if not 0 <= record["bytes"] <= PROBE_MAX_BYTES:
+        raise ControlRecordError(f"{record['type']}.bytes: {record['bytes']} is outside 0..{PROBE_MAX_BYTES}")
+
+
+# The probe's records: a Mesh that takes part (the doctor's, a ProbeResponder's) registers both.
+PROBE_REQUEST = RecordSchema("doctor_probe", {"bytes": int}, _check_probe_bytes)
+PROBE_READY = RecordSchema("doctor_probe_ready", {"bytes": int}, _check_probe_bytes)
+PROBE_SCHEMAS = (PROBE_REQUEST, PROBE_READY)
+
+# How a link's bulk payloads travel, most direct first; the labels are what a person reads.
+PATH_LABELS = {
+    "direct-tls": "direct TLS",
+    "webrtc-host": "WebRTC host",
+    "webrtc-srflx": "WebRTC server-reflexive",
+    "webrtc-prflx": "WebRTC peer-reflexive",
+    "turn-relay": "TURN relay",
+}
+
+
+def link_path(direct: bool, local_type: str, remote_type: str) -> str:
+    """The path of a link's bulk payloads: direct TLS when its stream is up, else the ICE pair's kind.
+
+    A relay at either end means every packet crosses the TURN server; otherwise a reflexive end means a
+    NAT was traversed (server-reflexive: learned from STUN; peer-reflexive: learned during the checks).
+    """
+    if direct:
+        return "direct-tls"
+    types = {local_type, remote_type}
+    for kind, path in (("relay", "turn-relay"), ("srflx", "webrtc-srflx"), ("prflx", "webrtc-prflx")):
+        if kind in types:
+            return path
+    return "webrtc-host"
+
+
+def throughput_summary(total_bytes: int, seconds: float, *, complete: bool) -> tuple[float, str]:
+    """MB/s (10**6 bytes) of a probe and how to say it; an incomplete probe is an upper bound."""
+    rate = total_bytes / seconds / 1e6 if seconds > 0 else 0.0
+    moved = f"{total_bytes / 1e6:.1f} MB in {seconds:.2f} s"
+    if complete:
+        return rate, f"throughput {rate:.1f} MB/s ({moved})"
+    return rate, f"throughput under {rate:.1f} MB/s (the peer had not taken all of {moved})"
+
+
+def transport_check(
+    *, tuned: bool, aiortc_version: str, setting: str | None, event_loop: str, direct_enabled: bool
+) -> Check:
+    """Step 5: what the data path runs on; tuned SCTP off is a warning (slower), never a failure.
+
+    ``setting`` is HIVEWIRE_SCTP_TUNING as found (None: unset), ``event_loop`` the running loop's module.
+    """
+    direct = "direct TLS path enabled" if direct_enabled else "direct TLS path disabled"
+    loop = "uvloop" if event_loop == "uvloop" else "asyncio event loop (uvloop not installed)"
+    details: dict[str, Any] = {
+        "sctp_tuning": tuned,
+        "aiortc": aiortc_version,
+        "tuned_for_aiortc": TUNED_AIORTC_VERSION,
+        "sctp_tuning_setting": setting,
+        "event_loop": event_loop,
+        "direct_path": direct_enabled,
+    }
+    title = "Data path"
+    if tuned:
+        summary = f"tuned SCTP active (aiortc {aiortc_version}), {loop}; {direct}"
+        return Check("transport", title, Status.OK, summary, details=details)
+    if setting is not None and setting.strip().lower() in ("off", "0", "false", "no"):
+        why = f"{ENV_SWITCH}={setting}"
+        advice = f"Unset {ENV_SWITCH} unless you were asked to turn the tuning off: untuned links are slower."
+    elif aiortc_version != TUNED_AIORTC_VERSION:
+        why = f"aiortc {aiortc_version} is installed, the tuning is written for {TUNED_AIORTC_VERSION}"
+        advice = (
+            f"Install aiortc {TUNED_AIORTC_VERSION} (pip install aiortc=={TUNED_AIORTC_VERSION}) to get the tuned path."
+        )
+    else:
+        why = f"this aiortc {aiortc_version} lacks what the tuning adjusts"
+        advice = "Reinstall Hivewire's pinned aiortc; see the warning logged above."
+    summary = f"tuned SCTP off ({why}): data channels run at aiortc's default speed, {loop}; {direct}"
+    return Check("transport", title, Status.WARN, summary, advice, details)
+
+
+class ProbeResponder:
+    """Takes the doctor's throughput probes on a mesh: answers ``doctor_probe`` and drains the payloads.
+
+    For a peer whose bulk payloads have no other reader on the probing link: a test's peer, a bench, or a
+    network side that routes a probing link (a peer that is no group member) here. One probe at a time;
+    each is bounded by PROBE_MAX_BYTES (the record's schema) and by the probe's time caps, after which
+    nothing more is read and the sender runs out of credit.
+    """
+
+    def __init__(self, mesh: Mesh, *, accept: Callable[[str], bool] = lambda peer: True) -> None:
+        self._mesh = mesh
+        self._accept = accept
+        self._task: asyncio.Task[None] | None = None
+        self.probes = 0  # probes answered, for tests and operators
+        mesh.on_records([PROBE_REQUEST.type], self._on_probe)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _on_probe(self, sender: str, record: dict[str, Any]) -> None:
+        link = self._mesh.link(sender)
+        if link is None or not self._accept(sender) or (self._task is not None and not self._task.done()):
+            logger.info("ignored a throughput probe from %s (busy, not accepted, or no link)", sender)
+            return
+        try:
+            link.send_control({"type": PROBE_READY.type, "bytes": record["bytes"]})
+        except LinkError as exc:
+            logger.info("cannot answer the throughput probe from %s: %s", sender, exc)
+            return
+        self.probes += 1
+        self._task = asyncio.get_running_loop().create_task(self._drain(link, record["bytes"]), name="hivewire-probe")
+
+    async def _drain(self, link: Link, total: int) -> None:
+        received = 0
+        with contextlib.suppress(TimeoutError, LinkError):
+            async with asyncio.timeout(PROBE_ANSWER_TIMEOUT_S + PROBE_TIME_CAP_S + PROBE_FLUSH_TIMEOUT_S):
+                while received < total:
+                    _, data = await link.recv_payload()
+                    received += len(data)
+        logger.info("throughput probe from %s: %d of %d bytes received", link.peer, received, total)
+
+
 def server_check(server: str, joined: JoinResponse, certificate: PeerCertificate) -> Check:
     """Step 1, once the join and its certificate passed every check."""
     minutes = int((certificate.expires_at - datetime.now(UTC)).total_seconds() // 60)
@@ -146,20 +307,33 @@ def server_check(server: str, joined: JoinResponse, certificate: PeerCertificate
 
 
 async def network_checks(ice_servers: list[dict[str, Any]], probe: PeerProbe | None) -> list[Check]:
-    """Steps 2–5 at once: they use separate sockets, and with UDP blocked each has to wait for its timeout.
+    """Steps 2–6: 2–4 and 6 at once (separate sockets; with UDP blocked each has to wait for its timeout).
 
-    STUN retransmissions are lowered for all of them (process-wide while they run; the doctor is alone in
-    its process), so a TURN allocation or an ICE check gives up after 7.5 s instead of 63.5 s.
+    SCTP tuning is applied first, as the network process applies it, so the peer link runs the path a
+    volunteer would get; the doctor takes it off again if it was the one that put it on. STUN
+    retransmissions are lowered for all checks (process-wide while they run; the doctor is alone in its
+    process), so a TURN allocation or an ICE check gives up after 7.5 s instead of 63.5 s.
     """
-    with stun_retransmissions(STUN_RETRANSMISSIONS):
-        return list(
-            await asyncio.gather(
+    applied_here = not sctp_tuning_active() and apply_sctp_tuning()
+    try:
+        transport = transport_check(
+            tuned=sctp_tuning_active(),
+            aiortc_version=str(getattr(aiortc, "__version__", "unknown")),
+            setting=os.environ.get(ENV_SWITCH),
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            direct_enabled=DirectSettings().enabled,
+        )
+        with stun_retransmissions(STUN_RETRANSMISSIONS):
+            candidates, nat, turn, peer = await asyncio.gather(
                 check_candidates(ice_servers),
                 check_nat(ice_servers),
                 check_turn(ice_servers),
                 check_peer(ice_servers, probe),
             )
-        )
+        return [candidates, nat, turn, transport, peer]
+    finally:
+        if applied_here:
+            remove_sctp_tuning()
 
 
 async def check_candidates(ice_servers: list[dict[str, Any]]) -> Check:
@@ -291,11 +465,11 @@ async def check_turn(ice_servers: list[dict[str, Any]]) -> Check:
 
 
 async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None) -> Check:
-    """Step 5: link to a live peer as the mesh would (signed offer, ICE, DTLS) and time keepalive round trips.
+    """Step 6: link to a live peer as the mesh would (signed offer, ICE, DTLS, direct TLS where it connects),
+    time keepalive round trips, and probe the throughput if the peer takes probes (module docstring).
 
-    Throughput is not measured: a live peer's mesh has no record for test traffic, and bulk payloads are
-    not tagged by consumer, so bytes sent to it would sit in its queue. None to try is not a failure (the
-    first volunteer sees none), and neither is a peer that left since the join named it.
+    None to try is not a failure (the first volunteer sees none), and neither is a peer that left since
+    the join named it.
     """
     title = "Live peer"
     if probe is None or not probe.peers:
@@ -317,9 +491,20 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
             answer_timeout_s=PEER_LINK_TIMEOUT_S,
             link=LinkSettings(open_timeout_s=PEER_LINK_TIMEOUT_S, keepalive_interval_s=PEER_PING_INTERVAL_S),
         ),
+        schemas=PROBE_SCHEMAS,
     )
+    answers: dict[str, asyncio.Future[int]] = {peer: asyncio.get_running_loop().create_future() for peer in probe.peers}
+
+    def on_ready(sender: str, record: dict[str, Any]) -> None:
+        answer = answers.get(sender)
+        if answer is not None and not answer.done():
+            answer.set_result(record["bytes"])
+
+    mesh.on_records([PROBE_READY.type], on_ready)
     failures: list[str] = []
     try:
+        link: Link | None = None
+        observed: dict[str, Any] = {}
         async with asyncio.timeout(PEER_LINK_TIMEOUT_S):
             await mesh.start()
             for peer in probe.peers:
@@ -328,7 +513,10 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
                 except MeshError as exc:
                     failures.append(f"{peer}: {exc}")
                     continue
-                return await _timed_link(link)
+                observed = await _observe_link(link)
+                break
+        if link is not None:
+            return await _probed_check(link, observed, answers[link.peer])
     except TimeoutError:
         failures.append(f"no link within {PEER_LINK_TIMEOUT_S} s")
     except HivewireError as exc:  # signaling refused or unreachable
@@ -346,25 +534,89 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
     )
 
 
-async def _timed_link(link: Link) -> Check:
-    """RTT samples from the link's keepalive pongs, and the candidate pair ICE nominated."""
+async def _observe_link(link: Link) -> dict[str, Any]:
+    """RTT samples from the keepalive pongs, while the direct TLS path settles (up, unreachable, refused)."""
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
     samples: list[float] = []
-    while len(samples) < PEER_RTT_SAMPLES:
+    while len(samples) < PEER_RTT_SAMPLES or (
+        link.direct_state == "trying" and loop.time() - opened < DIRECT_SETTLE_TIMEOUT_S
+    ):
         await asyncio.sleep(PEER_PING_INTERVAL_S)
         if link.rtt_s is not None:
             samples.append(link.rtt_s)
     assert link.control_channel.transport is not None  # an open channel has its SCTP transport
     pair = nominated_pair(link.control_channel.transport)
-    rtt_ms = statistics.median(samples) * 1000
-    path = "through the TURN relay" if "relay" in (pair["local"], pair["remote"]) else "directly"
-    return Check(
-        "peer",
-        "Live peer",
-        Status.OK,
-        f"linked to {link.peer} {path} ({pair['local']} to {pair['remote']}), round trip {rtt_ms:.1f} ms; "
-        "throughput not measured",
-        details={"peer": link.peer, "pair": pair, "rtt_ms": round(rtt_ms, 2)},
+    path = link_path(link.path == "direct-tls", pair["local"], pair["remote"])
+    return {
+        "peer": link.peer,
+        "pair": pair,
+        "rtt_ms": round(statistics.median(samples[-PEER_RTT_SAMPLES:]) * 1000, 2),
+        "path": path,
+        "path_label": PATH_LABELS[path],
+        "direct_state": link.direct_state,
+    }
+
+
+async def _probed_check(link: Link, details: dict[str, Any], ready: asyncio.Future[int]) -> Check:
+    """The peer step's line: path, RTT and the throughput probe's result (or why there is none)."""
+    pair = details["pair"]
+    webrtc = f"{pair['local']} to {pair['remote']}"
+    if details["path"] == "direct-tls":
+        route = f"bulk over direct TLS (WebRTC control: {webrtc})"
+    else:
+        direct = "" if details["direct_state"] in ("off", "up") else f"; direct TLS {details['direct_state']}"
+        route = f"bulk over {details['path_label']} ({webrtc}{direct})"
+    details.update(await _probe_throughput(link, ready))
+    summary = f"linked to {link.peer}: {route}, round trip {details['rtt_ms']:.1f} ms; {details['throughput']}"
+    return Check("peer", "Live peer", Status.OK, summary, details=details)
+
+
+async def _probe_throughput(link: Link, ready: asyncio.Future[int]) -> dict[str, Any]:
+    """Ask for a probe; if the peer grants it, send payloads within the caps and time them until released.
+
+    The clock stops when the peer released (took) every payload, so the figure is delivered bytes, not
+    bytes handed to the local buffers.
+    """
+    result: dict[str, Any] = {"throughput_mb_s": None, "probe_bytes": 0, "probe_seconds": None, "probe_complete": False}
+    try:
+        link.send_control({"type": PROBE_REQUEST.type, "bytes": PROBE_MAX_BYTES})
+        granted = min(await asyncio.wait_for(ready, PROBE_ANSWER_TIMEOUT_S), PROBE_MAX_BYTES)
+    except TimeoutError:
+        result["throughput"] = (
+            "throughput not measured: the peer takes no probe payloads (a volunteer's client reads bulk "
+            "payloads only in an averaging round)"
+        )
+        return result
+    except LinkError as exc:
+        result["throughput"] = f"throughput not measured: {exc}"
+        return result
+    payload = os.urandom(PROBE_PAYLOAD_BYTES)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    sent = 0
+    complete = False
+    try:
+        async with asyncio.timeout(PROBE_TIME_CAP_S + PROBE_FLUSH_TIMEOUT_S):
+            while sent < granted and loop.time() - started < PROBE_TIME_CAP_S:
+                size = min(PROBE_PAYLOAD_BYTES, granted - sent)
+                await link.send_payload(payload[:size])
+                sent += size
+            complete = await link.flush(PROBE_FLUSH_TIMEOUT_S)
+    except TimeoutError:
+        pass
+    except LinkError as exc:
+        result["throughput"] = f"throughput not measured: the link failed during the probe ({exc})"
+        return result
+    seconds = loop.time() - started
+    if sent == 0:
+        result["throughput"] = f"throughput not measured: no probe payload left within {seconds:.1f} s"
+        return result
+    rate, result["throughput"] = throughput_summary(sent, seconds, complete=complete)
+    result.update(
+        throughput_mb_s=round(rate, 2), probe_bytes=sent, probe_seconds=round(seconds, 3), probe_complete=complete
     )
+    return result
 
 
 def decide(checks: list[Check]) -> Verdict:

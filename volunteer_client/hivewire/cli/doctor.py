@@ -3,11 +3,12 @@
 The checks live in `hivewire.doctor`; this module signs in, joins, and prints one ✓/✗ line per step with
 one sentence of advice where something is wrong, then the verdict. Exit status 0 when this computer can
 take part (directly or through the TURN relay), 1 when it cannot. `--json` prints the same as one document.
+The checks run on the network process's event loop (`tuning.run`: uvloop where installed), so the link to
+a live peer and its throughput are what a volunteer's client would get.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import asdict
 from typing import Annotated
@@ -20,7 +21,7 @@ from hivewire.cli.join import JoinedRun, join_run, parse_run_url
 from hivewire.doctor import Check, PeerProbe, Status, Verdict, decide, network_checks, server_check
 from hivewire.errors import ConfigError, HivewireError
 from hivewire.identity import PeerIdentity
-from hivewire.mesh import IceConfigError, restrict_host_addresses
+from hivewire.mesh import IceConfigError, restrict_host_addresses, tuning
 
 
 def command(
@@ -34,9 +35,11 @@ def command(
         ),
     ] = None,
 ) -> None:
-    """Check whether this computer can take part in a run: server, ICE candidates, NAT, TURN relay, peers.
+    """Check whether this computer can take part in a run: server, ICE candidates, NAT, TURN relay, data path, peers.
 
-    Prints one line per check, with one sentence of advice where a check fails.
+    Prints one line per check, with one sentence of advice where a check fails. The link to a live peer
+    says which path it takes (direct TLS, WebRTC host or reflexive, TURN relay), its round trip and, where
+    the peer takes a short probe, its throughput.
 
     Exits 0 when this computer can train in the run (directly or through the TURN relay), 1 when it cannot.
 
@@ -65,7 +68,7 @@ def command(
     if member is not None:
         checks.append(server_check(server, member.joined, member.certificate))
         ice_servers = [ice.model_dump(exclude_none=True) for ice in member.joined.ice_servers]
-        checks.extend(asyncio.run(network_checks(ice_servers, probe)))
+        checks.extend(tuning.run(network_checks(ice_servers, probe)))
     verdict = decide(checks)
     if as_json:
         report = {
