@@ -223,9 +223,10 @@ async def test_a_stream_killed_mid_transfer_loses_and_duplicates_nothing(direct_
     assert await a.flush(DEADLINE_S)
     await asyncio.sleep(0.3)  # duplicates still travelling would show up here
     assert b.stats.payloads_received == len(payloads)
-    # Each payload sent again either had not arrived over the stream (it came over WebRTC) or is a duplicate.
+    # Each payload sent again either had not arrived over the stream (it came over WebRTC) or is a duplicate
+    # (the last of those may still be on its way: its release can overtake its tail).
     over_webrtc = len(payloads) - b.stats.payloads_received_direct
-    assert a.stats.payloads_resent == over_webrtc + b.stats.duplicates_dropped
+    await until(lambda: a.stats.payloads_resent == over_webrtc + b.stats.duplicates_dropped)
     if killer == "receiver":  # what the receiver had not read died with its socket
         assert over_webrtc >= 1
     assert a.stats.payloads_refused_by_peer == a.stats.records_refused == 0

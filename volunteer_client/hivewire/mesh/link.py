@@ -353,8 +353,8 @@ class Link:
             if entry is None or entry.data is None:
                 continue  # released while we resent the ones before it
             data, entry.data, entry.stream = entry.data, None, None
-            await self._send_on_channel(payload_id, data)
             self.stats.payloads_resent += 1
+            await self._send_on_channel(payload_id, data)
         if lost:
             logger.info("sent %d unreleased payload(s) to %s again over WebRTC", len(lost), self.peer)
 
