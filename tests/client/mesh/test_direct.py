@@ -344,3 +344,26 @@ async def test_after_a_drop_the_direct_path_comes_back(direct_pair, endpoints) -
     assert await exchange(a, b, [payload]) == [(2, bytearray(payload))]
     assert a.stats.payloads_sent_direct == before + 1
     assert a.stats.direct_streams_lost == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "complaint"),
+    [
+        ({"port_min": 5000, "port_max": 4000}, "port_min <= port_max"),
+        ({"port_max": 70000}, "port_max <= 65535"),
+        ({"connect_timeout_s": 0}, "must be positive"),
+        ({"listen_addresses": ("eth0",)}, "does not appear to be an IPv4 or IPv6 address"),
+        ({"advertise_addresses": ("example.org",)}, "does not appear to be an IPv4 or IPv6 address"),
+    ],
+)
+def test_direct_settings_refuse_nonsense(bad: dict[str, object], complaint: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        DirectSettings(**bad)  # type: ignore[arg-type]
+
+
+async def test_the_listener_takes_the_first_free_port_of_its_range(endpoints) -> None:
+    first = await endpoints(DirectSettings(listen_addresses=(LOOPBACK,)))
+    port = first.addresses[0][1]
+    ranged = DirectSettings(listen_addresses=(LOOPBACK,), port_min=port, port_max=min(port + 20, 65535))
+    second = await endpoints(ranged)
+    assert port < second.addresses[0][1] <= port + 20
