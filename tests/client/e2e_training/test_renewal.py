@@ -5,6 +5,7 @@ the server, on the real clock, renews. The renewed certificate is verified, hand
 server as a reporter's bearer.
 """
 
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from hivewire.identity import CertificateVerifier, PeerIdentity
 from hivewire.reporter import LinkTypes, Reporter, ReporterConfig
 from hivewire.session.renewal import CertificateRenewer
 from tests.client._fakes import raw_public
-from tests.client.e2e_training.conftest import SLUG
+from tests.client.e2e_training.conftest import JOIN_TIMEOUT_S, SLUG, Volunteer, Volunteers
 from tests.client.live_server import Server
 from tests.conftest import Account, new_user
 
@@ -104,3 +105,36 @@ def test_a_renewed_certificate_for_another_key_is_refused(
         with pytest.raises(CertificateError, match="another peer key"):
             renewer.renew()
         assert renewer.certificate() == current.token
+
+
+def _epochs_after(volunteer: Volunteer, marker: str) -> int:
+    """Epoch lines the volunteer printed after its first line holding ``marker``."""
+    lines = list(volunteer.lines)
+    start = next((n for n, line in enumerate(lines) if marker in line), len(lines))
+    return sum(1 for line in lines[start:] if line.startswith("epoch "))
+
+
+@pytest.mark.slow
+def test_a_session_longer_than_half_a_certificate_renews_it_and_trains_on(
+    volunteers: Volunteers, tmp_path: Path
+) -> None:
+    """Two volunteers on 60 s certificates: each renews after ~30 s, its network process takes the new one, and
+    both keep averaging (rounds after the renewal) until Ctrl-C, then deliver their reports and receipts."""
+    args = ("--max-epochs", "100000", "--batch-size", "8", "--verbose")
+    pair = [volunteers.join(name, *args) for name in ("alice", "bob")]
+    deadline = time.monotonic() + LIFETIME_S + JOIN_TIMEOUT_S
+    for volunteer in pair:
+        volunteer.wait_for("renewed the certificate; valid until", timeout_s=max(1.0, deadline - time.monotonic()))
+        volunteer.wait_for("using the renewed certificate from now on", timeout_s=max(1.0, deadline - time.monotonic()))
+    while not all(_epochs_after(v, "using the renewed certificate") >= 2 for v in pair):
+        assert time.monotonic() < deadline, "\n".join(v.output[-3000:] for v in pair)
+        time.sleep(0.2)
+    for volunteer in pair:
+        assert volunteer.process is not None
+        volunteer.process.send_signal(signal.SIGINT)
+    assert [volunteer.wait() for volunteer in pair] == [130, 130]
+    for volunteer in pair:
+        assert "round receipts delivered" in volunteer.output and "Goodbye." in volunteer.output
+        assert "could not renew" not in volunteer.output
+    log = (tmp_path / "server.log").read_text()
+    assert log.count(f"POST /api/runs/{SLUG}/renew 200") >= 2, log[-3000:]
