@@ -15,7 +15,11 @@ on two networks:
 * ``loopback``: everything on 127.0.0.1 (gloo pinned to ``lo``); 2 and 4 peers over TCP with codecs
   none/fp16/int8, 2 peers over each Link path with codecs none/int8; 10 MB and 100 MB float32;
 * ``wan``: peers in network namespaces behind an emulated WAN (bench/_wan.py: ``--delay-ms`` one way, so
-  RTT twice that, and ``--rate-mbit`` per peer each way; needs root), 2 and 4 peers, codec none.
+  RTT twice that, and ``--rate-mbit`` per peer each way; tbf qdiscs for the rates and a user-space NFQUEUE
+  delay line, bench/_delay.py, since this kernel has no netem; needs root), 2 and 4 peers, codec none.
+  Under the table: packets each job lost at the rate limiters (congestion), at the peers' UDP sockets (a
+  receiver too slow to read) and in the delay line (a fault of the emulation), and how late the delay line
+  released packets on average.
 
 Columns: ``t/gloo`` and ``t/tcp`` are time ratios against the gloo and TCP rows of the same network, peers
 and size (and codec, for TCP); ``untuned/t`` is the speedup over the untuned WebRTC row; ``bound`` is the
@@ -31,6 +35,11 @@ Usage::
     python bench/averaging.py --quick              # smaller sizes, 1 round, 2-peer WAN: under a minute
     python bench/averaging.py --paths webrtc-tuned direct-tls --no-wan
     python bench/averaging.py --wan-only --wan-peers 2 4 --wan-mb 10 50
+    python bench/averaging.py --wan-only --delay-ms 0    # rates alone: is a path limited by RTT or by CPU?
+
+The untuned WebRTC rows are slow (~20 MB/s on an idle machine, far less under load): they get
+``--untuned-repeat`` rounds (default 1). The direct TLS rows run tuned where tuning is built, as the
+network process does.
 """
 
 import argparse
