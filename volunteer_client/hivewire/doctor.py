@@ -9,8 +9,9 @@
    host, server- or peer-reflexive, TURN relay), round-trip time, and a short throughput probe.
 
 Steps 2–4 and 6 run at once with lowered STUN retransmissions, so they end within about 15 s even when UDP
-is blocked and every probe has to time out (a linked peer adds the probe, at most about 9 s). `decide`
-turns the steps into the verdict and the exit status.
+is blocked and every probe has to time out; a live peer to link to may take up to 30 s (two ICE attempts
+and a relay-only retry), and a linked one adds the direct path's settling and the probe (at most 13 s).
+`decide` turns the steps into the verdict and the exit status.
 
 The throughput probe sends bulk payloads only to a peer that asked for them: a volunteer's client reads
 bulk payloads only inside an averaging round and does not tag them by consumer, so bytes it did not expect
@@ -87,7 +88,10 @@ logger = logging.getLogger(__name__)
 GATHER_TIMEOUT_S = 10.0
 STUN_TIMEOUT_S = 12.0  # the mapping check, its quick recheck of the first server included
 TURN_TIMEOUT_S = 10.0
-PEER_LINK_TIMEOUT_S = 15.0  # signaling, signed offer and answer, ICE, DTLS and SCTP, and the RTT samples
+# Signaling, signed offer and answer, ICE, DTLS and SCTP, and the RTT samples: room for two ICE failures
+# (the peer's offer, then ours under policy all) and our relay-only retry, which two symmetric NATs need.
+PEER_LINK_TIMEOUT_S = 30.0
+PEER_CONNECT_ATTEMPTS = 2
 SIGNALING_START_TIMEOUT_S = 5.0  # until the server's welcome on the signaling WebSocket
 PEER_PING_INTERVAL_S = 0.2  # keepalive pings on the test link; each pong is one RTT sample
 PEER_RTT_SAMPLES = 5
@@ -508,13 +512,10 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
         async with asyncio.timeout(PEER_LINK_TIMEOUT_S):
             await mesh.start()
             for peer in probe.peers:
-                try:
-                    link = await mesh.connect(peer)
-                except MeshError as exc:
-                    failures.append(f"{peer}: {exc}")
-                    continue
-                observed = await _observe_link(link)
-                break
+                link = await _connect(mesh, peer, failures)
+                if link is not None:
+                    observed = await _observe_link(link)
+                    break
         if link is not None:
             return await _probed_check(link, observed, answers[link.peer])
     except TimeoutError:
@@ -532,6 +533,17 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
         "If steps 2 to 4 passed, the peers may have left or be the ones that cannot connect; try again later.",
         {"failures": failures},
     )
+
+
+async def _connect(mesh: Mesh, peer: str, failures: list[str]) -> Link | None:
+    """Up to PEER_CONNECT_ATTEMPTS tries. The peer sees our join and may offer first; when that offer fails
+    ICE, only our own offer retries relay-only (the mesh's fallback is the offerer's), as its would later."""
+    for attempt in range(1, PEER_CONNECT_ATTEMPTS + 1):
+        try:
+            return await mesh.connect(peer)
+        except MeshError as exc:
+            failures.append(f"{peer} (try {attempt}): {exc}")
+    return None
 
 
 async def _observe_link(link: Link) -> dict[str, Any]:
