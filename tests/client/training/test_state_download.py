@@ -158,3 +158,13 @@ def test_inconsistent_offers_are_refused_by_the_codec(change: dict[str, Any], me
     offer["chunks"] = ["b" * 64] * 3
     with pytest.raises(ControlRecordError, match=message):
         CODEC.validate({**offer, **change})
+
+
+async def test_the_newest_offer_wins_and_only_its_holders_serve_it() -> None:
+    joiner, donors, _ = swarm(3)
+    old, new = os.urandom(3 * CHUNK), os.urandom(3 * CHUNK)
+    donors["donor0"].offer(1, old)  # a fellow joiner still at an older epoch
+    donors["donor1"].offer(2, new)
+    donors["donor2"].offer(2, new)
+    epoch, downloaded, served = await joiner.download(list(donors))
+    assert (epoch, downloaded) == (2, new) and "donor0" not in served

@@ -134,7 +134,8 @@ class StateExchange:
         self._snapshots.append(_Snapshot.of(epoch, blob))
 
     async def download(self, donors: Sequence[str]) -> tuple[int, bytes, tuple[str, ...]]:
-        """The snapshot of the first donor that offers one: (epoch, bytes, the donors that served chunks).
+        """The newest snapshot the donors offer (the first donor's among equals): (epoch, bytes, the donors that
+        served chunks).
 
         Every donor whose offer is the same snapshot (same SHA-256) serves chunks; StateError when no donor
         offers a state or the chunks cannot all be had intact."""
@@ -142,7 +143,7 @@ class StateExchange:
         answered = [(donor, offer) for donor, offer in zip(donors, offers, strict=True) if offer is not None]
         if not answered:
             raise StateError(f"no state offer from {list(donors)}")
-        chosen = answered[0][1]
+        chosen = max((offer for _, offer in answered), key=lambda offer: offer["epoch"])  # the first of the newest
         sources = [donor for donor, offer in answered if offer["sha256"] == chosen["sha256"]]
         plan = _Plan(deque(range(len(chosen["chunks"]))))
         pieces, served = plan.pieces, plan.served
