@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from hivewire.mesh import ControlCodec, ControlRecordError, DirectEndpoint, DirectSettings, Link, LinkSettings
 from hivewire.mesh import direct as direct_module
 from hivewire.mesh.direct import LENGTH, PATH_DIRECT, PATH_WEBRTC
-from hivewire.mesh.framing import FRAMING_VERSION, HEADER, KIND_START
+from hivewire.mesh.framing import FRAMING_VERSION, HEADER, KIND_START, FramingLimits, encode_payload
 
 from .conftest import LOOPBACK, negotiate, new_pc
 
@@ -54,11 +54,15 @@ async def direct_pair() -> AsyncIterator[Callable[..., object]]:
     links: list[Link] = []
 
     async def make(
-        direct_a: DirectEndpoint | None, direct_b: DirectEndpoint | None, *, b_late_s: float = 0
+        direct_a: DirectEndpoint | None,
+        direct_b: DirectEndpoint | None,
+        *,
+        b_late_s: float = 0,
+        settings_b: LinkSettings = SETTINGS,
     ) -> tuple[Link, Link]:
         pc_a, pc_b = new_pc(), new_pc()
         a = Link(pc_a, peer="b", settings=SETTINGS, codec=ControlCodec(), direct=direct_a)
-        b = Link(pc_b, peer="a", settings=SETTINGS, codec=ControlCodec(), direct=direct_b)
+        b = Link(pc_b, peer="a", settings=settings_b, codec=ControlCodec(), direct=direct_b)
         links.extend((a, b))
         await negotiate(pc_a, pc_b)
         await a.wait_open()
@@ -367,3 +371,22 @@ async def test_the_listener_takes_the_first_free_port_of_its_range(endpoints) ->
     ranged = DirectSettings(listen_addresses=(LOOPBACK,), port_min=port, port_max=min(port + 20, 65535))
     second = await endpoints(ranged)
     assert port < second.addresses[0][1] <= port + 20
+
+
+async def test_a_payload_restarted_on_the_channel_replaces_its_partial_copy(direct_pair, endpoints) -> None:
+    """The sender gave up on a stream mid-payload (the receiver has not noticed yet) and starts the payload
+    again on the data channel: the partial copy must not hold the slot the new one needs."""
+    one_slot = LinkSettings(open_timeout_s=10, framing=FramingLimits(max_incoming_payloads=1))
+    a, b = await direct_pair(await endpoints(), await endpoints(), settings_b=one_slot)
+    await until(lambda: a.path == b.path == PATH_DIRECT)
+    payload = os.urandom(600_000)
+    frames = list(encode_payload(7, payload, 2**18))
+    stream = a.direct_stream
+    assert stream is not None
+    await stream.send_frames(frames[:2])  # START and the first chunk over the stream
+    await until(lambda: b.direct_stream is not None and b.direct_stream.frames_received == 2)
+    for frame in frames:
+        a.bulk_channel.send(frame)
+    async with asyncio.timeout(DEADLINE_S):
+        assert await b.recv_payload() == (7, bytearray(payload))
+    assert b.stats.frames_refused == 0

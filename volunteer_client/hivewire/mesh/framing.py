@@ -114,6 +114,10 @@ class PayloadDecoder:
             raise RuntimeError("release() without a delivered payload")
         self._unreleased -= 1
 
+    def discard(self, payload_id: int) -> bool:
+        """Drop one payload in progress (its sender restarted it on another path); True if it was here."""
+        return self._incoming.pop(payload_id, None) is not None
+
     def discard_all(self) -> int:
         """Drop every payload in progress (the link is closing); return how many were dropped."""
         dropped = len(self._incoming)

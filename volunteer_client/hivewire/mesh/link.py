@@ -513,6 +513,11 @@ class Link:
                         self._drop_duplicate(payload_id)
                     return
                 if kind == KIND_START:
+                    # The sender starts a payload again on another path only after it gave up on the first:
+                    # a partial copy left there would hold a slot that the new copy needs.
+                    for other in self._decoders:
+                        if other is not decoder and other.discard(payload_id):
+                            logger.info("%s restarted payload %d on another path", self.peer, payload_id)
                     if len(self._recv_started) >= 4 * self.settings.framing.max_incoming_payloads:
                         self._recv_started.clear()  # entries of refused payloads; never more than a few
                     self._recv_started[payload_id] = self._loop.time()
