@@ -217,11 +217,11 @@ async def start_live_peer(url: str, certificates: CertificateVerifier, *, probes
     key = Ed25519PrivateKey.generate()
     identity = PeerIdentity(private_key=key, public_key_raw=key.public_key().public_bytes_raw())
     with HivewireAPI(url, token) as api:
-        joined = api.join(RUN["slug"], identity.peer_key)
+        joined = api.join(str(RUN["slug"]), identity.peer_key)
     mesh = RecordingMesh(
         identity,
         lambda: joined.certificate,
-        DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
+        DescriptionVerifier(certificates, run=str(RUN["slug"]), self_peer_id=identity.peer_id),
         ice_servers=[ice.model_dump(exclude_none=True) for ice in joined.ice_servers],
         signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate),
         schemas=PROBE_SCHEMAS if probes else (),

@@ -202,7 +202,7 @@ async def serve_live_peer(server: str, identity: PeerIdentity, joined: JoinRespo
     mesh = Mesh(
         identity,
         lambda: joined.certificate,
-        DescriptionVerifier(certificates, run=RUN["slug"], self_peer_id=identity.peer_id),
+        DescriptionVerifier(certificates, run=str(RUN["slug"]), self_peer_id=identity.peer_id),
         ice_servers=[ice.model_dump(exclude_none=True) for ice in joined.ice_servers],
         signaling=SignalingClient(joined.signaling_url, lambda: joined.certificate),
         schemas=PROBE_SCHEMAS,
@@ -229,6 +229,6 @@ if __name__ == "__main__":
     peer_key = Ed25519PrivateKey.generate()
     peer_identity = PeerIdentity(private_key=peer_key, public_key_raw=peer_key.public_key().public_bytes_raw())
     with HivewireAPI(options.server, options.token) as api:
-        peer_joined = api.join(RUN["slug"], peer_identity.peer_key)
+        peer_joined = api.join(str(RUN["slug"]), peer_identity.peer_key)
     tuning.apply_sctp_tuning()
     tuning.run(serve_live_peer(options.server, peer_identity, peer_joined, options.ready))

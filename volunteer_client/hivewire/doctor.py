@@ -513,9 +513,14 @@ async def check_peer(ice_servers: list[dict[str, Any]], probe: PeerProbe | None)
             await mesh.start()
             for peer in probe.peers:
                 link = await _connect(mesh, peer, failures)
-                if link is not None:
+                if link is None:
+                    continue
+                try:
                     observed = await _observe_link(link)
                     break
+                except LinkError as exc:
+                    failures.append(str(exc))
+                    link = None
         if link is not None:
             return await _probed_check(link, observed, answers[link.peer])
     except TimeoutError:
@@ -555,10 +560,17 @@ async def _observe_link(link: Link) -> dict[str, Any]:
         link.direct_state == "trying" and loop.time() - opened < DIRECT_SETTLE_TIMEOUT_S
     ):
         await asyncio.sleep(PEER_PING_INTERVAL_S)
+        if link.closed:
+            raise LinkError(f"link to {link.peer} closed after it opened: {link.dead_reason or 'closed'}")
         if link.rtt_s is not None:
             samples.append(link.rtt_s)
-    assert link.control_channel.transport is not None  # an open channel has its SCTP transport
-    pair = nominated_pair(link.control_channel.transport)
+    transport = link.control_channel.transport
+    try:
+        if transport is None:
+            raise RuntimeError("the control channel has no SCTP transport")
+        pair = nominated_pair(transport)
+    except RuntimeError as exc:  # the link failed between the last sample and now
+        raise LinkError(f"link to {link.peer}: no candidate pair to report: {exc}") from exc
     path = link_path(link.path == "direct-tls", pair["local"], pair["remote"])
     return {
         "peer": link.peer,
@@ -602,6 +614,9 @@ async def _probe_throughput(link: Link, ready: asyncio.Future[int]) -> dict[str,
         return result
     except LinkError as exc:
         result["throughput"] = f"throughput not measured: {exc}"
+        return result
+    if granted == 0:
+        result["throughput"] = "throughput not measured: the peer granted a probe of 0 bytes"
         return result
     payload = os.urandom(PROBE_PAYLOAD_BYTES)
     loop = asyncio.get_running_loop()
