@@ -487,3 +487,63 @@ def test_probe_records_are_bounded() -> None:
         codec.validate({"type": "doctor_probe_ready", "bytes": -1})
     with pytest.raises(ControlRecordError, match="unknown record type 'doctor_probe'"):
         ControlCodec().validate({"type": "doctor_probe", "bytes": 1})
+
+
+class FakeLink:
+    """What ProbeResponder uses of a Link: send_control, recv_payload, peer."""
+
+    def __init__(self, peer: str, payloads: list[bytes]) -> None:
+        self.peer = peer
+        self.sent: list[dict[str, Any]] = []
+        self._payloads = asyncio.Queue[bytes]()
+        for payload in payloads:
+            self._payloads.put_nowait(payload)
+
+    def send_control(self, record: dict[str, Any]) -> None:
+        self.sent.append(record)
+
+    async def recv_payload(self) -> tuple[int, bytes]:
+        return 0, await self._payloads.get()
+
+    def left(self) -> int:
+        return self._payloads.qsize()
+
+
+class FakeMesh:
+    """What ProbeResponder uses of a Mesh: on_records and link()."""
+
+    def __init__(self, links: dict[str, FakeLink]) -> None:
+        self.links = links
+        self.handlers: dict[str, Any] = {}
+
+    def on_records(self, types: list[str], handler: Any) -> None:
+        for kind in types:
+            self.handlers[kind] = handler
+
+    def link(self, peer: str) -> FakeLink | None:
+        return self.links.get(peer)
+
+
+async def test_probe_responder_drains_what_it_granted_and_takes_one_probe_at_a_time() -> None:
+    probing = FakeLink("pprobing", [b"x" * 1000, b"y" * 1000, b"z" * 1000])
+    second = FakeLink("psecond", [b"w" * 1000])
+    refused = FakeLink("prefused", [b"v" * 1000])
+    mesh = FakeMesh({link.peer: link for link in (probing, second, refused)})
+    responder = ProbeResponder(mesh, accept=lambda peer: peer != "prefused")  # type: ignore[arg-type]
+    probe = mesh.handlers["doctor_probe"]
+
+    probe("prefused", {"type": "doctor_probe", "bytes": 1000})  # not accepted: no answer, nothing read
+    probe("pnolink", {"type": "doctor_probe", "bytes": 1000})  # no link to it: ignored
+    probe("pprobing", {"type": "doctor_probe", "bytes": 2000})
+    probe("psecond", {"type": "doctor_probe", "bytes": 1000})  # while the first runs: ignored
+    assert probing.sent == [{"type": "doctor_probe_ready", "bytes": 2000}]
+    assert second.sent == [] and refused.sent == []
+    await asyncio.wait_for(responder._task, 5)  # type: ignore[arg-type]
+    assert probing.left() == 1  # read the 2000 bytes granted, not the payload after them
+    assert refused.left() == 1 and second.left() == 1
+    assert responder.probes == 1
+
+    probe("psecond", {"type": "doctor_probe", "bytes": 1000})  # the first one is done: this one is taken
+    await asyncio.wait_for(responder._task, 5)  # type: ignore[arg-type]
+    assert second.sent == [{"type": "doctor_probe_ready", "bytes": 1000}] and second.left() == 0
+    await responder.close()
