@@ -32,7 +32,7 @@ times; the load average is printed beside the table, since other work on the mac
 Usage::
 
     python bench/averaging.py                      # everything (a few minutes; WAN rows need root)
-    python bench/averaging.py --quick              # smaller sizes, 1 round, 2-peer WAN: under a minute
+    python bench/averaging.py --quick              # 2 peers, small sizes, 1 round: about a minute idle
     python bench/averaging.py --paths webrtc-tuned direct-tls --no-wan
     python bench/averaging.py --wan-only --wan-peers 2 4 --wan-mb 10 50
     python bench/averaging.py --wan-only --delay-ms 0    # rates alone: is a path limited by RTT or by CPU?
@@ -419,12 +419,14 @@ def wan(bench: Bench) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 and 10 MB (Links: 10), 1 round, 2-peer WAN at 4 MB")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 peers; 1 and 10 MB over TCP, 4 MB over Links and WAN; 1 round"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per row (after one warm-up)")
     parser.add_argument("--untuned-repeat", type=int, default=1, help="timed rounds of the untuned WebRTC rows")
     parser.add_argument("--sizes-mb", type=float, nargs="+", help="loopback tensor sizes (default 10 100)")
     parser.add_argument("--link-mb", type=float, nargs="+", help="loopback sizes over Links (default: --sizes-mb)")
-    parser.add_argument("--peers", type=int, nargs="+", default=[2, 4], help="loopback group sizes over TCP")
+    parser.add_argument("--peers", type=int, nargs="+", help="loopback group sizes over TCP (default 2 4)")
     parser.add_argument("--paths", nargs="*", choices=_links.PATHS, default=list(_links.PATHS), help="Link paths")
     parser.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="loopback bound's link speed")
     parser.add_argument("--no-wan", action="store_true", help="leave out the emulated WAN rows")
@@ -437,7 +439,8 @@ def main() -> None:
     if args.quick:
         args.repeat = min(args.repeat, 1)
     args.sizes_mb = args.sizes_mb or ([1, 10] if args.quick else [10, 100])
-    args.link_mb = args.link_mb or ([10] if args.quick else args.sizes_mb)
+    args.peers = args.peers or ([2] if args.quick else [2, 4])
+    args.link_mb = args.link_mb or ([4] if args.quick else args.sizes_mb)
     args.wan_peers = args.wan_peers or ([2] if args.quick else [2, 4])
     args.wan_mb = args.wan_mb or ([4] if args.quick else [10])
     args.untuned_repeat = min(args.untuned_repeat, args.repeat)
