@@ -105,37 +105,6 @@ async def _negotiate(pc: RTCPeerConnection, conn: Connection, *, offer: bool, ho
         conn.send(_checked(pc.localDescription, host))
 
 
-class _EarlyHelloLink(Link):
-    """A Link that keeps a ``direct_*`` control record arriving before its own direct session exists.
-
-    Works around a race in mesh/link.py (reported to its owner): the peer whose channels open first sends
-    its ``direct_hello`` at once, often in the datagram that opens ours, and a Link drops a hello that
-    arrives before its ``wait_open()`` has started the session, so between two processes the direct path
-    often never comes up. The records are handed to the session as soon as it exists; the bulk data path is
-    the Link's own. Harmless once link.py keeps early records itself.
-    """
-
-    _early: list[dict[str, Any]]
-
-    def _on_control(self, message: bytes | str) -> None:
-        if getattr(self, "_direct_session", True) is None and getattr(self, "_endpoint", None) is not None:
-            try:
-                record = self._codec.decode(message)
-            except Exception:  # the Link's own handler refuses and counts it
-                record = {}
-            if record.get("type") in ("direct_hello", "direct_unreachable"):
-                self.__dict__.setdefault("_early", []).append(record)
-                return
-        super()._on_control(message)
-
-    def _start_direct(self, endpoint: Any) -> None:
-        super()._start_direct(endpoint)
-        session = getattr(self, "_direct_session", None)
-        for record in self.__dict__.pop("_early", []):
-            if session is not None:
-                session.on_record(record)
-
-
 class LinkGroup:
     """This process's open Links to the other ranks, and the direct-path listener when the path uses one."""
 
@@ -166,8 +135,7 @@ async def open_links(rank: int, pipes: Mapping[int, Connection], *, host: str, p
         for other, conn in sorted(pipes.items()):
             pc = RTCPeerConnection(build_configuration([]))
             extra = {"direct": group.endpoint} if group.endpoint is not None else {}
-            kind = _EarlyHelloLink if path == "direct-tls" and hasattr(Link, "_start_direct") else Link
-            link = kind(pc, peer=f"peer{other}", settings=LINK_SETTINGS, **extra)
+            link = Link(pc, peer=f"peer{other}", settings=LINK_SETTINGS, **extra)
             group.links[link.peer] = link
             pending.append(_negotiate(pc, conn, offer=rank < other, host=host))
         async with asyncio.timeout(SETUP_TIMEOUT_S):

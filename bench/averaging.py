@@ -72,7 +72,7 @@ LINK_CODECS = ("none", "int8")
 SETTINGS = ButterflySettings(reduce_timeout_s=120.0, gather_timeout_s=120.0)
 BARRIER_TIMEOUT_S = 300.0  # a peer stuck this long at a barrier means another one failed
 JOB_TIMEOUT_S = 1800.0  # one set of peer processes, all its rounds
-SETUP_RETRIES = 2  # a direct path that did not come up (a known race between processes) is tried again
+SETUP_RETRIES = 2  # a direct path that did not come up in time (a handshake on a loaded machine) is tried again
 NS_PORT = 47_000  # inside a namespace nothing else listens: rank r uses NS_PORT + r, gloo NS_PORT + 100
 
 Key = tuple[str, int, str]  # (method, tensor bytes, codec)
