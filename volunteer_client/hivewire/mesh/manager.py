@@ -429,7 +429,7 @@ class Mesh:
         """Keep max_neighbours links: offer to candidates, gossip, ask the server for peers."""
         settings = self.settings
         last_gossip = last_peers_request = -math.inf
-        while True:
+        while not self._closing:  # close() may land between two awaits; never offer after it began
             self._wake.clear()
             busy = set(self._links) | set(self._attempts)
             room = settings.max_neighbours - len(busy)
@@ -445,8 +445,11 @@ class Mesh:
                 last_peers_request = now
             retry_in = self.table.next_retry_in_s(busy)
             timeout = min(settings.maintain_interval_s, retry_in if retry_in is not None else math.inf)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as the wake-up
+            # fires, and this loop then outlived close() ("left behind" after 10 s).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await self._wake.wait()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> "asyncio.Task[Any]":
         task = asyncio.get_running_loop().create_task(coro, name=f"hivewire-mesh-{name}")

@@ -107,8 +107,14 @@ class Negotiator:
             return await self._offer(attempt, relay_only=True)
 
     async def answer(self, attempt: Attempt, verified_offer: VerifiedDescription, via: str) -> Link:
-        """Apply a verified offer, send the signed answer back the way the offer came (``via``), open."""
-        pc, link = self._new_link(attempt.peer, relay_only=False)
+        """Apply a verified offer, send the signed answer back the way the offer came (``via``), open.
+
+        An offer that carries relay candidates only is the offerer's relay-only retry: answering with policy
+        ``all`` beside it fails behind symmetric NATs as the first try did (webrtc-field-notes.md, note 7),
+        so the answer goes relay-only too.
+        """
+        relay_only = self._has_turn and offers_relay_only(verified_offer.sdp)
+        pc, link = self._new_link(attempt.peer, relay_only=relay_only)
         opened = False
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=verified_offer.sdp, type="offer"))
@@ -171,6 +177,16 @@ class Negotiator:
             attempt.check()
             raise IceFailed(str(exc)) from exc
         attempt.check()
+
+
+def offers_relay_only(sdp: str) -> bool:
+    """True when the description carries ICE candidates and every one of them is a TURN relay candidate."""
+    kinds = [
+        line.split(" typ ", 1)[1].split()[0]
+        for line in sdp.splitlines()
+        if line.startswith("a=candidate:") and " typ " in line
+    ]
+    return bool(kinds) and all(kind == "relay" for kind in kinds)
 
 
 def _answer_future() -> "asyncio.Future[VerifiedDescription]":
