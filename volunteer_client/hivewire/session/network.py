@@ -274,7 +274,7 @@ class NetworkSide:
             result, report = await butterfly_allreduce(
                 self._buffer,
                 me=self.me,
-                throughputs={member: 1.0 for member in group.members},  # equal parts: no bandwidth probe yet
+                throughputs=group.throughputs,  # parts by the link throughputs the members claimed (DeDLOC)
                 weight=request.weight,
                 round_id=group.round_id,
                 transport=LinkGroupTransport(links),
