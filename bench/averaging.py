@@ -276,6 +276,8 @@ def run_job(job: Job) -> Outcome:
 
 @dataclass
 class Row:
+    """One table row: a measured median round time, or None with the reason in ``note``."""
+
     network: str  # "loopback" or "wan"
     peers: int
     size: int
@@ -316,7 +318,9 @@ class Bench:
         for (method, size, codec), digest in outcome.digests.items():
             self.digests.setdefault((network, job.peers, size, codec), {})[method] = digest
 
-    def skip(self, network: str, peers: int, sizes: tuple[int, ...], codecs: tuple[str, ...], method: str, why: str):
+    def skip(
+        self, network: str, peers: int, sizes: tuple[int, ...], codecs: tuple[str, ...], method: str, why: str
+    ) -> None:
         for size in sizes:
             for codec in codecs:
                 self.rows.append(Row(network, peers, size, codec, method, None, why))
