@@ -423,9 +423,7 @@ def wan(bench: Bench) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="2 peers; 1 and 10 MB over TCP, 4 MB over Links and WAN; 1 round"
-    )
+    parser.add_argument("--quick", action="store_true", help="2 peers, 4 MB everywhere, 1 round")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per row (after one warm-up)")
     parser.add_argument("--untuned-repeat", type=int, default=1, help="timed rounds of the untuned WebRTC rows")
     parser.add_argument("--sizes-mb", type=float, nargs="+", help="loopback tensor sizes (default 10 100)")
@@ -442,7 +440,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.repeat = min(args.repeat, 1)
-    args.sizes_mb = args.sizes_mb or ([1, 10] if args.quick else [10, 100])
+    args.sizes_mb = args.sizes_mb or ([4] if args.quick else [10, 100])
     args.peers = args.peers or ([2] if args.quick else [2, 4])
     args.link_mb = args.link_mb or ([4] if args.quick else args.sizes_mb)
     args.wan_peers = args.wan_peers or ([2] if args.quick else [2, 4])
