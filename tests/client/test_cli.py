@@ -221,9 +221,6 @@ def collapsed(text: str) -> str:
 
 
 COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
-# `[default: ...]` in a help text is Rich markup to Typer, so it vanishes from the page. These texts live in
-# files owned elsewhere (cli/__init__.py's --home, cli/join.py's --ice-address) and need "(default: ...)".
-MARKUP_EATS_DEFAULTS = pytest.mark.xfail(strict=True, reason="a help text there holds [default: ...]")
 
 
 def test_top_level_help_describes_the_program_and_lists_every_command(home: Path) -> None:
@@ -239,7 +236,7 @@ def test_top_level_help_describes_the_program_and_lists_every_command(home: Path
         assert f"{name} {summary}" in page, name
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=MARKUP_EATS_DEFAULTS) if n == "join" else n for n in COMMANDS])
+@pytest.mark.parametrize("name", COMMANDS)
 def test_each_command_help_describes_it_and_every_option(name: str) -> None:
     """Every command says what it does, and every argument and option has help that reaches the page whole."""
     result = CliRunner().invoke(app, [name, "--help"])

@@ -37,9 +37,11 @@ def command(
 ) -> None:
     """Check whether this computer can take part in a run: server, ICE candidates, NAT, TURN relay, data path, peers.
 
-    Prints one line per check, with one sentence of advice where a check fails. The link to a live peer
-    says which path it takes (direct TLS, WebRTC host or reflexive, TURN relay), its round trip and, where
-    the peer takes a short probe, its throughput.
+    Prints one line per check, with one sentence of advice where a check fails.
+
+    The link to a live peer says its path (direct TLS, WebRTC host or reflexive, TURN relay) and its round trip.
+
+    Where that peer takes a short probe, the link's throughput too.
 
     Exits 0 when this computer can train in the run (directly or through the TURN relay), 1 when it cannot.
 

@@ -104,8 +104,14 @@ def command(
     ] = DilocoConfig.inner_steps,
     ice_address: Annotated[
         list[str] | None,
-        typer.Option(help="Offer only these local addresses to peers (repeatable) [default: every address]"),
+        typer.Option(help="Offer only these local addresses to peers (repeatable) (default: every address)"),
     ] = None,
+    no_direct: Annotated[
+        bool, typer.Option("--no-direct", help="Send averaging payloads over WebRTC only, never a direct TLS link")
+    ] = False,
+    untuned: Annotated[
+        bool, typer.Option("--untuned", help="Use aiortc's SCTP as shipped, not the tuned one (troubleshooting)")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Join and verify the certificate, print the summary, do not train")
     ] = False,
@@ -149,6 +155,8 @@ def command(
         group_size=spec.group_size,
         compression=spec.compression,
         host_addresses=tuple(ice_address) if ice_address else None,
+        sctp_tuning=not untuned,
+        direct_path=not no_direct,
         log_level=logging.INFO if verbose else logging.WARNING,
     )
     options = TrainConfig(

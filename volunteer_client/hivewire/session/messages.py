@@ -27,6 +27,8 @@ class NetworkConfig:
     group_size: int
     compression: str  # none, fp16, int8
     host_addresses: tuple[str, ...] | None = None  # restrict ICE host candidates to these (None: all)
+    sctp_tuning: bool = True  # mesh/tuning.py's faster SCTP (off: aiortc as shipped; HIVEWIRE_SCTP_TUNING=off too)
+    direct_path: bool = True  # try a direct TLS connection for bulk payloads (mesh/direct.py)
     startup_wait_s: float = 20.0  # a joiner with initial peers waits this long to hear their progress
     view_interval_s: float = 0.2  # the trainer gets a fresh view of the run this often
     log_level: int = 30  # logging.WARNING

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
@@ -40,7 +41,7 @@ from hivewire.coordination import (
 )
 from hivewire.errors import HivewireError
 from hivewire.identity import CertificateVerifier, load_or_create_identity
-from hivewire.mesh import Link, Mesh, MeshError, restrict_host_addresses
+from hivewire.mesh import DirectSettings, Link, Mesh, MeshError, MeshSettings, restrict_host_addresses, tuning
 from hivewire.session.messages import (
     Average,
     Averaged,
@@ -74,7 +75,9 @@ def run_network(config: NetworkConfig, conn: Connection, buffer: torch.Tensor) -
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and sends Leave
     logging.basicConfig(level=config.log_level, format="%(levelname)s: network: %(message)s")
     torch.set_num_threads(1)  # the trainer's cores are for training
-    asyncio.run(NetworkSide(config, conn, buffer).run())
+    # Before any peer connection exists: the SCTP class is chosen when a link's first channel is created.
+    tuning.apply_sctp_tuning(config.sctp_tuning)
+    tuning.run(NetworkSide(config, conn, buffer).run())  # on uvloop where installed (the largest single gain)
 
 
 async def _poll_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -145,6 +148,7 @@ class NetworkSide:
             DescriptionVerifier(certificates, run=config.run, self_peer_id=identity.peer_id),
             ice_servers=config.ice_servers,
             signaling=SignalingClient(config.signaling_url, certificate),
+            settings=MeshSettings(direct=DirectSettings(enabled=config.direct_path)),
             schemas=(*COORDINATION_SCHEMAS, *STATE_SCHEMAS, *RECEIPT_SCHEMAS),
         )
         self.tracker = ProgressTracker(
@@ -159,7 +163,7 @@ class NetworkSide:
         self.states = StateExchange(self.mesh)
         self.receipts = ReceiptExchange(self.mesh, identity, certificate, certificates, run=config.run)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self._conn.fileno(), self._read_pipe)
+        threading.Thread(target=self._read_pipe, args=(loop,), name="hivewire-pipe-reader", daemon=True).start()
         try:
             await self.mesh.start(config.initial_peers)
             await self.tracker.start()
@@ -174,7 +178,6 @@ class NetworkSide:
             logger.exception("network side failed")
             await self._send(Failed(f"{type(exc).__name__}: {exc}", "This is a bug; please report it with the log."))
         finally:
-            loop.remove_reader(self._conn.fileno())
             if self._receipt_tasks:  # the last rounds' receipts: their members are leaving too, so it is short
                 await asyncio.wait(self._receipt_tasks, timeout=RECEIPT_TIMEOUT_S)
             for task in [*self._tasks, *self._receipt_tasks]:
@@ -204,12 +207,23 @@ class NetworkSide:
 
     # ------------------------------------------------------------------------------ the trainer's side
 
-    def _read_pipe(self) -> None:
-        try:
-            self._inbox.put_nowait(self._conn.recv())
-        except (EOFError, OSError):  # the trainer is gone: leave
-            asyncio.get_running_loop().remove_reader(self._conn.fileno())
-            self._inbox.put_nowait(Leave())
+    def _read_pipe(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Blocking reads of the trainer's Pipe in a thread of their own, handed to the loop.
+
+        Not ``loop.add_reader``: under uvloop that puts the Pipe's socket in non-blocking mode (libuv's poll
+        handle), and ``Connection.recv`` then fails halfway through a message that arrives in parts.
+        """
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):  # the trainer is gone: leave
+                message = Leave()
+            try:
+                loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+            except RuntimeError:  # the loop already closed: the process is exiting
+                return
+            if isinstance(message, Leave):
+                return
 
     async def _send(self, message: object) -> None:
         """Off the event loop: a snapshot may fill the Pipe until the trainer reads it."""
