@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import true as sa_true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from hivewire_server.core.timeutil import UTCDateTime, utcnow
@@ -113,6 +114,10 @@ class Run(Base):
     join_policy: Mapped[str] = mapped_column(String(16))
     # Most peers live at once (seen within PEER_LIVE_SECONDS); 0: no limit. A join past it: 409 run_full.
     max_peers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # diloco's parameters, one set per run so its volunteers agree (meaningful for strategy diloco only):
+    # local steps between two averaging rounds, and whether averaging overlaps computation (outer step a round late).
+    inner_steps: Mapped[int] = mapped_column(Integer, default=500, server_default="500")
+    overlap: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
     # open | closed: a closed run admits no joins and renews no certificates (403 run_closed).
     status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)

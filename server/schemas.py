@@ -15,6 +15,7 @@ Visibility = Literal["public", "private"]
 JoinPolicy = Literal["open", "allowlist"]
 RunStatus = Literal["open", "closed"]
 MAX_PEERS_LIMIT = 100_000
+MAX_INNER_STEPS = 100_000
 
 
 class Strict(BaseModel):
@@ -106,6 +107,10 @@ class RunFields(Strict):
     visibility: Visibility = "public"
     join_policy: JoinPolicy = "open"
     max_peers: int = Field(default=0, ge=0, le=MAX_PEERS_LIMIT)  # live peers at once; 0: no limit
+    # diloco only (stored for any strategy, so switching strategy keeps them): every volunteer of the run uses
+    # the same H and the same overlap, or their averaging rounds would not line up.
+    inner_steps: int = Field(default=500, ge=1, le=MAX_INNER_STEPS)  # local steps between two averaging rounds
+    overlap: bool = True  # average beside computation; the outer step lands one round late
 
 
 class RunCreate(RunFields):
@@ -124,6 +129,8 @@ class RunUpdate(Strict):
     visibility: Visibility | None = None
     join_policy: JoinPolicy | None = None
     max_peers: int | None = Field(default=None, ge=0, le=MAX_PEERS_LIMIT)
+    inner_steps: int | None = Field(default=None, ge=1, le=MAX_INNER_STEPS)
+    overlap: bool | None = None
     status: RunStatus | None = None  # closed: no more joins or certificate renewals
 
 
@@ -144,6 +151,8 @@ class RunSpec(BaseModel):
     visibility: Visibility
     join_policy: JoinPolicy
     max_peers: int
+    inner_steps: int
+    overlap: bool
     status: RunStatus
 
 

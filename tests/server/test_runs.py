@@ -14,6 +14,9 @@ def test_organizer_creates_a_run_with_every_field(client: TestClient, organizer:
         "visibility": "public",
         "join_policy": "open",
         "max_peers": 12,
+        "strategy": "diloco",
+        "inner_steps": 64,
+        "overlap": False,
     }
     response = client.post("/api/runs", json=spec, headers=organizer.headers)
     assert response.status_code == 201
@@ -30,6 +33,7 @@ def test_defaults_fill_optional_fields(client: TestClient, organizer: Account) -
     assert body["join_policy"] == "open"
     assert body["recipe_version"] == "1"
     assert (body["max_peers"], body["status"]) == (0, "open")
+    assert (body["inner_steps"], body["overlap"]) == (500, True)
 
 
 def test_volunteers_cannot_create_runs(client: TestClient, volunteer: Account) -> None:
@@ -97,6 +101,11 @@ def test_ban_errors(client: TestClient, organizer: Account, run_slug: str) -> No
         ("target_batch_size", 10**10),
         ("group_size", 1),
         ("group_size", 257),
+        ("inner_steps", 0),
+        ("inner_steps", 100_001),
+        ("inner_steps", "many"),
+        ("overlap", "maybe"),
+        ("overlap", None),
         ("visibility", "secret"),
         ("join_policy", "invite"),
         ("name", ""),
