@@ -44,15 +44,20 @@ RUN_FIELDS = (
     "visibility",
     "join_policy",
     "max_peers",
+    "inner_steps",
+    "overlap",
 )
 # A run is created open; only the edit form can close it.
 EDIT_FIELDS = (*RUN_FIELDS, "status")
+# A select rather than a checkbox: an unticked box sends nothing, which would read as "keep the default" (yes).
+OVERLAP_CHOICES = ("yes", "no")  # pydantic reads both as booleans
 CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": get_args(Strategy),
     "compression": get_args(Compression),
     "visibility": get_args(Visibility),
     "join_policy": get_args(JoinPolicy),
     "status": get_args(RunStatus),
+    "overlap": OVERLAP_CHOICES,
 }
 # Pydantic's own words for a pattern mismatch quote the regular expression; people need the rule instead.
 PATTERN_HINTS = {
@@ -60,7 +65,15 @@ PATTERN_HINTS = {
     "recipe": "a recipe name: lowercase letters, digits, '.', '_' and '-' (for example tiny-lm)",
     "recipe_version": "letters, digits and . _ + - only (for example 1 or 2.0)",
 }
-NEW_RUN = {"recipe_version": "1", "strategy": "dedloc", "group_size": "16", "compression": "none", "max_peers": "0"}
+NEW_RUN = {
+    "recipe_version": "1",
+    "strategy": "dedloc",
+    "group_size": "16",
+    "compression": "none",
+    "max_peers": "0",
+    "inner_steps": "500",
+    "overlap": "yes",
+}
 
 
 def _field_errors(exc: ValidationError) -> dict[str, str]:
@@ -183,6 +196,7 @@ async def edit_run_page(slug: str, request: Request, user: OptionalUser, session
     except DomainError as exc:
         return error_page(request, user, exc)
     values = {field: getattr(run, field) for field in EDIT_FIELDS}
+    values["overlap"] = OVERLAP_CHOICES[0] if run.overlap else OVERLAP_CHOICES[1]
     return _form_page(request, user, run=run, values=values, errors={})
 
 

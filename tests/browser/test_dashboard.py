@@ -111,19 +111,22 @@ def test_organizer_creates_and_edits_a_run_through_the_form(browser: webdriver.C
         4,
         "int8",
     )
+    assert (run["inner_steps"], run["overlap"]) == (500, True), "the form's defaults are the run's"
 
     browser.find_element(By.LINK_TEXT, "Edit run").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "f-join_policy"), "the edit form")
     assert browser.find_element(By.ID, "f-slug").get_attribute("readonly") is not None
     fill(browser, {"name": "Shakespeare LM v2", "join_policy": "allowlist", "visibility": "private"})
-    fill(browser, {"max_peers": "6", "status": "closed"})
+    fill(browser, {"max_peers": "6", "status": "closed", "inner_steps": "250", "overlap": "no"})
     screenshot(browser, "run-form-edit")
     browser.find_element(By.XPATH, "//button[text()='Save']").click()
     wait_for(browser, lambda d: d.current_url.endswith("/manage"), "the manage page")
     run = live_server.http.get("/api/runs/shakespeare", headers=live_server.organizer.headers).json()
     assert (run["name"], run["join_policy"], run["visibility"]) == ("Shakespeare LM v2", "allowlist", "private")
     assert (run["max_peers"], run["status"]) == (6, "closed")
+    assert (run["inner_steps"], run["overlap"]) == (250, False)
     browser.get(f"{live_server.url}/runs/shakespeare")
+    assert text(browser, "#diloco-settings") == "averaging every 250 inner steps, training waits for it"
     assert text(browser, "#run-closed") == "Closed to new volunteers"
     assert not browser.find_elements(By.LINK_TEXT, "Join this run")
     browser.get(f"{live_server.url}/runs/shakespeare/join")

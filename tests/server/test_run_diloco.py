@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from hivewire_server.core.db import create_engine
 from hivewire_server.core.migrate import downgrade, upgrade
-from tests.conftest import RUN, Account, _postgres_admin, _postgres_url
+from tests.conftest import PASSWORD, RUN, Account, _postgres_admin, _postgres_url
 from tests.server.test_join import join
 
 SELECT_DILOCO = "SELECT slug, inner_steps, overlap FROM runs"
@@ -49,6 +49,40 @@ def test_bad_edits_change_nothing(client: TestClient, organizer: Account, run_sl
     assert response.status_code in (400, 422), response.text
     run = client.get(f"/api/runs/{run_slug}").json()
     assert (run["inner_steps"], run["overlap"]) == (500, True)
+
+
+def _signed_in_csrf(client: TestClient, account: Account, page: str) -> tuple[str, str]:
+    """Signs in through the session cookie, as a browser would; the page and the CSRF token of its form."""
+    client.post("/api/auth/login", json={"email": account.email, "password": PASSWORD})
+    html = client.get(page).text
+    return html, html.split('name="csrf" value="')[1].split('"')[0]
+
+
+def test_the_run_form_creates_and_edits_them(client: TestClient, organizer: Account) -> None:
+    html, csrf = _signed_in_csrf(client, organizer, "/organize/runs/new")
+    assert 'name="inner_steps" type="number" value="500"' in html
+    assert "<option selected>yes</option><option>no</option>" in html
+    form = {**RUN, "target_batch_size": "64", "group_size": "4", "strategy": "diloco", "csrf": csrf}
+    created = client.post("/organize/runs/new", data={**form, "inner_steps": "64", "overlap": "no"})
+    assert created.status_code == 200 and created.url.path.endswith("/manage"), created.text
+    run = client.get(f"/api/runs/{RUN['slug']}").json()
+    assert (run["inner_steps"], run["overlap"]) == (64, False)
+    assert "averaging every 64 inner steps, training waits for it" in client.get(f"/runs/{RUN['slug']}").text
+
+    edit = f"/runs/{RUN['slug']}/edit"
+    html = client.get(edit).text
+    assert "<option>yes</option><option selected>no</option>" in html, "the form shows what is stored"
+    form = {**form, "recipe_version": "1", "compression": "none", "visibility": "public", "join_policy": "open"}
+    form = {**form, "max_peers": "0", "status": "open"}
+    refused = client.post(edit, data={**form, "inner_steps": "100001", "overlap": "perhaps"})
+    assert 'id="e-inner_steps"' in refused.text and 'id="e-overlap"' in refused.text
+    assert client.get(f"/api/runs/{RUN['slug']}").json()["inner_steps"] == 64, "a refused form saves nothing"
+    saved = client.post(edit, data={**form, "inner_steps": "1000", "overlap": "yes"})
+    assert saved.url.path.endswith("/manage"), saved.text
+    run = client.get(f"/api/runs/{RUN['slug']}").json()
+    assert (run["inner_steps"], run["overlap"]) == (1000, True)
+    assert "averaging every 1,000 inner steps, overlapping training" in client.get(f"/runs/{RUN['slug']}").text
+    client.cookies.clear()
 
 
 def _execute(database_url: str, *statements: str) -> list[tuple]:
