@@ -63,6 +63,20 @@ def test_server_certificate_passes_the_verifier(
     assert certificate.expires_at == joined.certificate_expires_at
 
 
+def test_the_runs_diloco_parameters_reach_the_client(
+    client: TestClient, organizer: Account, volunteer: Account, run_slug: str, tmp_path: Path
+) -> None:
+    """What the organizer sets is what every volunteer's client reads, in the run list and the join answer."""
+    changes = {"strategy": "diloco", "inner_steps": 125, "overlap": False}
+    assert client.patch(f"/api/runs/{run_slug}", json=changes, headers=organizer.headers).status_code == 200
+    identity = load_or_create_identity(tmp_path / "peer_key.pem")
+    with HivewireAPI(SERVER, volunteer.token, transport=AppTransport(client)) as api:
+        (listed,) = api.runs().data
+        joined = api.join(run_slug, identity.peer_key).run
+    for spec in (listed, joined):
+        assert (spec.strategy, spec.inner_steps, spec.overlap) == ("diloco", 125, False)
+
+
 def test_device_login_polls_until_approved(client: TestClient, volunteer: Account) -> None:
     api = HivewireAPI(SERVER, transport=AppTransport(client))
     code = api.device_code()

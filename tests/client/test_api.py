@@ -152,6 +152,20 @@ def test_run_limits_default_for_older_servers_and_are_checked() -> None:
         api_answering(lambda request: httpx.Response(200, json={"data": [paused], "count": 1})).runs()
 
 
+def test_diloco_parameters_default_for_older_servers_and_are_checked() -> None:
+    older = answer(200, {"data": [RUN_SPEC], "count": 1}).runs().data[0]
+    assert (older.inner_steps, older.overlap) == (500, True)
+    chosen = {**RUN_SPEC, "strategy": "diloco", "inner_steps": 32, "overlap": False}
+    newer = answer(200, {"data": [chosen], "count": 1}).runs().data[0]
+    assert (newer.strategy, newer.inner_steps, newer.overlap) == ("diloco", 32, False)
+    for field, bad in [("inner_steps", 0), ("inner_steps", 100_001), ("inner_steps", "32"), ("inner_steps", 3.5)]:
+        with pytest.raises(errors.InvalidResponse, match=field):
+            answer(200, {"data": [{**RUN_SPEC, field: bad}], "count": 1}).runs()
+    for bad in ["false", 0, None]:
+        with pytest.raises(errors.InvalidResponse, match="overlap"):
+            answer(200, {"data": [{**RUN_SPEC, "overlap": bad}], "count": 1}).runs()
+
+
 def test_run_list_parses() -> None:
     runs = answer(200, {"data": [RUN_SPEC], "count": 1}).runs()
     assert runs.data == [RunSpec.model_validate(RUN_SPEC)]

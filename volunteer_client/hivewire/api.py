@@ -114,6 +114,10 @@ class RunSpec(_Record):
     # Defaults for servers older than these fields: open, no limit.
     max_peers: int = Field(default=0, ge=0, le=100_000)
     status: Literal["open", "closed"] = "open"
+    # diloco's parameters, chosen by the run so its volunteers agree; an older server's runs get DiLoCo's H=500
+    # with overlap, what `hivewire join` used before. Strict: a string or number for a flag is a broken answer.
+    inner_steps: int = Field(default=500, ge=1, le=100_000, strict=True)
+    overlap: bool = Field(default=True, strict=True)
 
 
 class RunList(_Record):
