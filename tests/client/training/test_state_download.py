@@ -68,6 +68,9 @@ class Mesh:
         self.handlers[record["type"]](sender, record)
 
 
+RUN_EPOCH = 5  # the run's epoch as most peers gossip it, unless a test says otherwise
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(state, "CHUNK_BYTES", CHUNK)
@@ -87,7 +90,7 @@ async def test_the_chunks_come_from_every_donor_and_assemble_to_the_snapshot() -
     blob = os.urandom(20 * CHUNK + 123)
     for exchange in donors.values():
         exchange.offer(5, blob)
-    epoch, downloaded, served = await joiner.download(list(donors))
+    epoch, downloaded, served = await joiner.download(list(donors), max_epoch=RUN_EPOCH)
     assert (epoch, downloaded) == (5, blob)
     assert len(served) >= 2 and set(served) <= set(donors)
 
@@ -98,7 +101,7 @@ async def test_a_donor_sending_wrong_chunks_is_dropped_and_the_others_finish() -
     for exchange in donors.values():
         exchange.offer(2, blob)
     network["donor0"].link("joiner").corrupt = True  # type: ignore[union-attr]
-    _, downloaded, served = await joiner.download(list(donors))
+    _, downloaded, served = await joiner.download(list(donors), max_epoch=RUN_EPOCH)
     assert downloaded == blob and "donor0" not in served
 
 
@@ -112,7 +115,7 @@ async def test_a_silent_donor_is_dropped_after_the_chunk_deadline() -> None:
         return len(data)  # accepted, never delivered
 
     network["donor1"].link("joiner").send_payload = silent  # type: ignore[method-assign,union-attr]
-    _, downloaded, served = await joiner.download(["donor1", "donor0"])
+    _, downloaded, served = await joiner.download(["donor1", "donor0"], max_epoch=RUN_EPOCH)
     assert downloaded == blob and served == ("donor0",)
 
 
@@ -135,13 +138,13 @@ async def test_no_donor_delivering_every_chunk_is_a_state_error() -> None:
     for name in donors:
         network[name].link("joiner").corrupt = True  # type: ignore[union-attr]
     with pytest.raises(StateError, match="chunks of the state could not be had"):
-        await joiner.download(list(donors))
+        await joiner.download(list(donors), max_epoch=RUN_EPOCH)
 
 
 async def test_donors_without_a_snapshot_refuse_and_that_is_a_state_error() -> None:
     joiner, donors, _ = swarm(2)
     with pytest.raises(StateError, match="no state offer"):
-        await joiner.download(list(donors))
+        await joiner.download(list(donors), max_epoch=RUN_EPOCH)
 
 
 @pytest.mark.parametrize(
@@ -166,5 +169,15 @@ async def test_the_newest_offer_wins_and_only_its_holders_serve_it() -> None:
     donors["donor0"].offer(1, old)  # a fellow joiner still at an older epoch
     donors["donor1"].offer(2, new)
     donors["donor2"].offer(2, new)
-    epoch, downloaded, served = await joiner.download(list(donors))
+    epoch, downloaded, served = await joiner.download(list(donors), max_epoch=RUN_EPOCH)
     assert (epoch, downloaded) == (2, new) and "donor0" not in served
+
+
+async def test_an_offer_past_the_run_epoch_is_not_believed() -> None:
+    """One certified donor claiming a later epoch than the run's (with a matching hash in its own gossip) loses."""
+    joiner, donors, _ = swarm(2)
+    honest, forged = os.urandom(3 * CHUNK), os.urandom(3 * CHUNK)
+    donors["donor0"].offer(RUN_EPOCH + 7, forged)
+    donors["donor1"].offer(RUN_EPOCH, honest)
+    epoch, downloaded, served = await joiner.download(list(donors), max_epoch=RUN_EPOCH)
+    assert (epoch, downloaded, served) == (RUN_EPOCH, honest, ("donor1",))

@@ -422,7 +422,7 @@ class NetworkSide:
         """
         donors = tuple(peer for peer in peers if peer != self.me)[:MAX_DONORS]
         try:
-            donor_epoch, blob, served = await self.states.download(donors)
+            donor_epoch, blob, served = await self.states.download(donors, max_epoch=epoch)
         except MeshError as exc:  # StateError: no offer, or chunks that could not all be had intact
             logger.warning("download of the state of epoch %d from %s failed: %s; will retry", epoch, list(donors), exc)
             return None

@@ -133,16 +133,21 @@ class StateExchange:
             return
         self._snapshots.append(_Snapshot.of(epoch, blob))
 
-    async def download(self, donors: Sequence[str]) -> tuple[int, bytes, tuple[str, ...]]:
-        """The newest snapshot the donors offer (the first donor's among equals): (epoch, bytes, the donors that
-        served chunks).
+    async def download(self, donors: Sequence[str], *, max_epoch: int) -> tuple[int, bytes, tuple[str, ...]]:
+        """The newest snapshot the donors offer up to ``max_epoch`` (the first donor's among equals): (epoch,
+        bytes, the donors that served chunks).
 
-        Every donor whose offer is the same snapshot (same SHA-256) serves chunks; StateError when no donor
-        offers a state or the chunks cannot all be had intact."""
+        ``max_epoch`` is the run's epoch as most peers gossip it: one certified donor offering a later epoch
+        is not believed. Every donor whose offer is the same snapshot (same SHA-256) serves chunks; StateError
+        when no donor offers a state or the chunks cannot all be had intact."""
         offers = await asyncio.gather(*(self._ask_offer(donor) for donor in donors))
         answered = [(donor, offer) for donor, offer in zip(donors, offers, strict=True) if offer is not None]
+        ahead = [donor for donor, offer in answered if offer["epoch"] > max_epoch]
+        if ahead:
+            logger.warning("ignored state offers from %s: past the run's epoch %d", ahead, max_epoch)
+            answered = [(donor, offer) for donor, offer in answered if offer["epoch"] <= max_epoch]
         if not answered:
-            raise StateError(f"no state offer from {list(donors)}")
+            raise StateError(f"no state offer up to epoch {max_epoch} from {list(donors)}")
         chosen = max((offer for _, offer in answered), key=lambda offer: offer["epoch"])  # the first of the newest
         sources = [donor for donor, offer in answered if offer["sha256"] == chosen["sha256"]]
         plan = _Plan(deque(range(len(chosen["chunks"]))))
