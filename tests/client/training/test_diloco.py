@@ -21,6 +21,9 @@ BATCH = 8  # samples per peer per inner step; the baseline's global batch is 2 �
 STEPS = 100  # inner steps per peer = baseline steps: both see the same samples
 INNER_STEPS = 20  # H
 MARGIN = 1.15  # diloco's held-out loss ≤ 1.15 × the baseline's; measured 1.08 (2.05 vs 1.90 nats)
+# With overlap each averaged window lands 20 of the 100 steps late (and the last only when leaving); measured
+# 1.21 (2.27 vs 1.87 nats). The papers' H in the hundreds over many rounds make that staleness small.
+OVERLAP_MARGIN = 1.30
 
 
 def held_out_loss(model: nn.Module) -> float:
@@ -44,31 +47,38 @@ def single_process() -> nn.Module:
     return model
 
 
-async def diloco_peer(peer_id: str, group: MeanGroup) -> tuple[nn.Module, Diloco]:
-    """One volunteer: an inner AdamW step per batch; every 20th step also averages and takes the outer step."""
+async def diloco_peer(peer_id: str, group: MeanGroup, overlap: bool) -> tuple[nn.Module, Diloco]:
+    """One volunteer: an inner AdamW step per batch; every 20th step also averages and takes the outer step
+    (with overlap: submits the round and applies the previous one; the last one is collected when leaving)."""
     model = RECIPE.build_model(0)
-    strategy = Diloco(model, RECIPE.optimizer(model), group.average, DilocoConfig(inner_steps=INNER_STEPS))
+    config = DilocoConfig(inner_steps=INNER_STEPS, overlap=overlap)
+    strategy = Diloco(model, RECIPE.optimizer(model), group.start if overlap else group.average, config)
     stream = RECIPE.batches(shard_seed(peer_id), BATCH, CPU)
     for _ in range(STEPS):
         batch = next(stream)
         strategy.backward(RECIPE.loss(model, batch), RECIPE.samples_in(batch))
         await strategy.astep()
+    await strategy.afinish()
     return model, strategy
 
 
-async def test_two_peers_get_close_to_the_single_process_run_with_20x_fewer_bytes() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlap"])
+async def test_two_peers_get_close_to_the_single_process_run_with_20x_fewer_bytes(overlap: bool) -> None:
     """Same seeds and samples (2 peers × 100 steps × 8 sequences): diloco's held-out loss is within 15% of
     the single-process run's, while the peers hand the averaging callable 20× fewer bytes than dedloc would
-    (one gradient per peer per step; test_dedloc checks that count)."""
+    (one gradient per peer per step; test_dedloc checks that count). With overlap every outer step is one
+    window stale, hence a wider margin (OVERLAP_MARGIN)."""
     group = MeanGroup(len(PEERS))
-    (alice, alice_strategy), (bob, _) = await asyncio.gather(*(diloco_peer(peer_id, group) for peer_id in PEERS))
+    (alice, alice_strategy), (bob, _) = await asyncio.gather(
+        *(diloco_peer(peer_id, group, overlap) for peer_id in PEERS)
+    )
     baseline = single_process()
 
     assert parameter_hash(alice) == parameter_hash(bob)  # the anchor after the last outer step
     assert (group.rounds, alice_strategy.epoch) == (STEPS // INNER_STEPS, STEPS // INNER_STEPS)
     initial, ours, theirs = held_out_loss(RECIPE.build_model(0)), held_out_loss(alice), held_out_loss(baseline)
     assert ours < 0.5 * initial
-    assert ours <= MARGIN * theirs, (ours, theirs)
+    assert ours <= (OVERLAP_MARGIN if overlap else MARGIN) * theirs, (ours, theirs)
     dedloc_bytes = STEPS * len(PEERS) * sum(p.numel() * p.element_size() for p in alice.parameters())
     assert dedloc_bytes >= 10 * group.bytes_sent
     assert dedloc_bytes == INNER_STEPS * group.bytes_sent

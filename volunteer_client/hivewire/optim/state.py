@@ -17,13 +17,18 @@ from hivewire.optim.errors import AveragedTensorsRejected, StateRejected
 
 
 def parameter_hash(model: nn.Module) -> str:
-    """SHA-256 (hex) over every state-dict entry's name, shape and little-endian fp32 bytes, in order.
+    """SHA-256 (hex) over every state-dict entry's name, shape and little-endian fp32 bytes, in order."""
+    return state_hash(model.state_dict())
+
+
+def state_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """`parameter_hash` of a state dict (e.g. `Strategy.agreed_state()`, which may differ from the model's).
 
     Why fp32 and names: peers compare hashes across machines, so the bytes must not depend on the device, the
     storage dtype's platform layout or a reshape that keeps the numbers.
     """
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         digest.update(f"{name}:{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
     return digest.hexdigest()

@@ -3,6 +3,8 @@
 The all-reduce is injected as `average(tensors, weight) -> tensors`, sync or async, which must return the
 weighted mean over the group of what each member passed (weight = the samples behind the member's tensors).
 Keeping the network behind one callable lets the trainer stay a plain loop, and lets tests average in process.
+A strategy that averages beside computation (diloco with `overlap`) takes `start(tensors, weight) -> Pending`
+instead: the round is submitted at once and its `result()` collected one window later.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +21,17 @@ from hivewire.optim.state import check_averaged
 
 AverageFn = Callable[[list[torch.Tensor], float], list[torch.Tensor] | Awaitable[list[torch.Tensor]]]
 Outgoing = tuple[list[torch.Tensor], float]
+
+
+class Pending(Protocol):
+    """A round submitted beside computation; `result()` blocks (or is awaited) until the group answered."""
+
+    def result(self) -> list[torch.Tensor] | Awaitable[list[torch.Tensor] | None] | None:
+        """The group's weighted mean, or None when the round did not happen (the caller logged why)."""
+        ...
+
+
+StartFn = Callable[[list[torch.Tensor], float], Pending]
 
 
 class Strategy(ABC):
@@ -66,6 +79,15 @@ class Strategy(ABC):
         if inspect.isawaitable(averaged):
             averaged = await averaged
         self._finish(outgoing[0], averaged)
+
+    @property
+    def rounds_in_flight(self) -> int:
+        """Rounds submitted but not applied yet (0 unless the strategy averages beside computation)."""
+        return 0
+
+    def agreed_state(self) -> dict[str, torch.Tensor]:
+        """The model tensors every peer of the group holds alike (views, not copies): what peers hash and compare."""
+        return self.model.state_dict()
 
     def _finish(self, sent: list[torch.Tensor], averaged: list[torch.Tensor]) -> None:
         check_averaged(sent, averaged)  # from the network: checked before anything changes
