@@ -57,5 +57,8 @@ class HeldRound:
     def __init__(self, task: asyncio.Task[list[torch.Tensor]]) -> None:
         self.task = task
 
+    def done(self) -> bool:
+        return self.task.done()
+
     async def result(self) -> list[torch.Tensor] | None:
         return await self.task

@@ -20,9 +20,13 @@ LR, MOMENTUM = 0.7, 0.9  # the outer optimizer's defaults
 
 @dataclass
 class Answered:
-    """A round whose answer is fixed in advance (None: the round did not happen)."""
+    """A round whose answer is fixed in advance (None: the round did not happen); `arrived` says if it is there."""
 
     answer: list[torch.Tensor] | None
+    arrived: bool = False
+
+    def done(self) -> bool:
+        return self.arrived
 
     def result(self) -> list[torch.Tensor] | None:
         return self.answer
@@ -34,10 +38,12 @@ class Scripted:
     def __init__(self, answers: list[list[torch.Tensor] | None]) -> None:
         self.answers = answers
         self.sent: list[list[torch.Tensor]] = []
+        self.rounds: list[Answered] = []
 
     def __call__(self, tensors: list[torch.Tensor], weight: float) -> Answered:
         self.sent.append([tensor.clone() for tensor in tensors])
-        return Answered(self.answers[len(self.sent) - 1])
+        self.rounds.append(Answered(self.answers[len(self.sent) - 1]))
+        return self.rounds[-1]
 
 
 def one_parameter(start: Scripted, inner_steps: int = 1) -> tuple[nn.Parameter, Diloco]:
@@ -72,6 +78,23 @@ def test_the_outer_step_applied_is_the_previous_rounds_average() -> None:
     assert torch.allclose(strategy.anchor[0], torch.full((2,), LR * (1 + MOMENTUM) * 0.5))
     assert torch.allclose(start.sent[1][0], torch.full((2,), -0.1))  # g_1 is window 1's movement alone
     assert torch.allclose(weight.detach(), strategy.anchor[0] + 0.1)
+
+
+def test_an_answer_that_arrives_mid_window_is_applied_at_once_with_the_same_numbers() -> None:
+    """H = 3; round 0's answer arrives after window 1's first step: the anchor moves then (so peers enter the
+    epoch when the round ends), the local parameters move along, and window 1's movement is unchanged."""
+    start = Scripted([[torch.full((2,), -0.5)], None])
+    weight, strategy = one_parameter(start, inner_steps=3)
+    for _ in range(4):
+        inner_step(weight, strategy)
+    assert strategy.epoch == 0  # not there yet: training goes on
+    start.rounds[0].arrived = True
+    inner_step(weight, strategy)
+    moved = LR * (1 + MOMENTUM) * 0.5
+    assert strategy.epoch == 1 and torch.allclose(strategy.anchor[0], torch.full((2,), moved))
+    assert torch.allclose(weight.detach(), torch.full((2,), moved + 0.3 + 0.2))  # a_1 − g_0 + two steps
+    inner_step(weight, strategy)
+    assert strategy.epoch == 1 and torch.allclose(start.sent[1][0], torch.full((2,), -0.3))
 
 
 def test_a_skipped_round_keeps_the_local_movement() -> None:

@@ -97,11 +97,12 @@ def command(
         typer.Option(help="Data directory for custom recipes, exported as HIVEWIRE_DATA_DIR (built-ins ship theirs)"),
     ] = None,
     inner_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=1, help="diloco runs: local steps between two averaging rounds (every volunteer of the run alike)"
+            min=1,
+            help="diloco runs: local steps between two averaging rounds; the run decides, this only checks it",
         ),
-    ] = DilocoConfig.inner_steps,
+    ] = None,
     ice_address: Annotated[
         list[str] | None,
         typer.Option(help="Offer only these local addresses to peers (repeatable) (default: every address)"),
@@ -125,6 +126,14 @@ def command(
     identity, joined, certificate = member.identity, member.joined, member.certificate
     spec = joined.run
     recipe = resolve_recipe(spec.recipe, spec.recipe_version)  # the server never ships code: refuse what we lack
+    # diloco's H and overlap are the run's: a volunteer that chose others would never line up with its rounds
+    run_inner_steps: int = getattr(spec, "inner_steps", DilocoConfig.inner_steps)
+    run_overlap: bool = getattr(spec, "overlap", True)
+    if inner_steps is not None and inner_steps != run_inner_steps and spec.strategy == "diloco":
+        raise ConfigError(
+            f"--inner-steps {inner_steps} differs from the run's {run_inner_steps}; "
+            "leave it out to use the run's (every volunteer must use the same)"
+        )
     if data_dir is not None:
         if not data_dir.is_dir():
             raise ConfigError(f"--data-dir {data_dir} is not a directory")
@@ -138,7 +147,10 @@ def command(
     typer.echo(f"Joined run {printable(spec.name, 100)} ({slug}) on {config.server}")
     typer.echo(f"  peer id      {identity.peer_id}")
     typer.echo(f"  certificate  valid until {certificate.expires_at:%Y-%m-%d %H:%M:%S} UTC ({minutes} min)")
-    typer.echo(f"  recipe       {spec.recipe} {printable(spec.recipe_version, 32)}, {spec.strategy}")
+    diloco = (
+        f" (H={run_inner_steps}, {'overlapped' if run_overlap else 'blocking'})" if spec.strategy == "diloco" else ""
+    )
+    typer.echo(f"  recipe       {spec.recipe} {printable(spec.recipe_version, 32)}, {spec.strategy}{diloco}")
     typer.echo(f"  ICE servers  {', '.join(kinds)}")
     typer.echo(f"  peers        {len(peers)} to contact first{': ' if peers else ''}{', '.join(peers[:5])}")
     if dry_run:
@@ -165,7 +177,8 @@ def command(
         max_steps=max_steps,
         max_epochs=max_epochs,
         checkpoint_dir=checkpoint_dir,
-        inner_steps=inner_steps,
+        inner_steps=run_inner_steps,
+        overlap=run_overlap,
     )
     numel = sum(p.numel() for p in recipe.build_model(0).parameters() if p.requires_grad)
     handle = NetworkHandle(network, numel)

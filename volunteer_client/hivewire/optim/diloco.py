@@ -7,10 +7,10 @@ anchor along the group's average of it, and every peer restarts its inner steps 
 The caller calls `step()` after each inner batch; the strategy averages on every H-th call.
 
 With `overlap` the outer step lands one round late (Streaming DiLoCo; docs/training.md, "Averaging beside
-computation"): at the end of window k the strategy collects round k−1, applies it to the anchor, submits
-round k (this window's movement g_k) without waiting, and goes on from the new anchor minus g_k, so the
-volunteer computes while the group averages. Anchors stay identical across peers; the update is one window
-stale. A round that did not happen stands in with g_k alone, so no local work is lost.
+computation"): round k−1 moves the anchor as soon as its answer is there (at the latest at the end of window k),
+then the strategy submits round k (this window's movement g_k) without waiting and goes on from the new anchor minus
+g_k, so the volunteer computes while the group averages. Anchors stay identical across peers; the update is one
+window stale. A round that did not happen stands in with g_k alone, so no local work is lost.
 """
 
 from __future__ import annotations
@@ -78,27 +78,27 @@ class Diloco(Strategy):
         if not self.config.overlap:
             return super().step()
         outgoing = self._before_average()
-        if outgoing is None:
-            return
-        averaged = self._pending.result() if self._pending is not None else None
-        if inspect.isawaitable(averaged):
-            if inspect.iscoroutine(averaged):
-                averaged.close()
-            raise TypeError("the round's result is async: call `await strategy.astep()` instead of step()")
-        self._apply_late(averaged)
-        self._submit(outgoing)
+        if self._pending is not None and (outgoing is not None or self._pending.done()):
+            averaged = self._pending.result()
+            if inspect.isawaitable(averaged):
+                if inspect.iscoroutine(averaged):
+                    averaged.close()
+                raise TypeError("the round's result is async: call `await strategy.astep()` instead of step()")
+            self._apply_late(averaged)
+        if outgoing is not None:
+            self._submit(outgoing)
 
     async def astep(self) -> None:
         if not self.config.overlap:
             return await super().astep()
         outgoing = self._before_average()
-        if outgoing is None:
-            return
-        averaged = self._pending.result() if self._pending is not None else None
-        if inspect.isawaitable(averaged):
-            averaged = await averaged
-        self._apply_late(averaged)
-        self._submit(outgoing)
+        if self._pending is not None and (outgoing is not None or self._pending.done()):
+            averaged = self._pending.result()
+            if inspect.isawaitable(averaged):
+                averaged = await averaged
+            self._apply_late(averaged)
+        if outgoing is not None:
+            self._submit(outgoing)
 
     def finish(self) -> None:
         """Collect the round in flight and apply it, then stand on the anchor (leaving: the final model)."""
@@ -127,7 +127,12 @@ class Diloco(Strategy):
         self._reset_to_anchor()
 
     def _apply_late(self, averaged: list[torch.Tensor] | None) -> None:
-        """Step 1 of a boundary: round k−1's average (or, without one, our own g_{k−1}) moves the anchor."""
+        """Round k−1's average (or, without one, our own g_{k−1}) moves the anchor, and the local parameters along.
+
+        Applied as soon as the answer is there, mid-window, rather than at the boundary: the same numbers (the
+        window then starts from the new anchor − g_{k−1}), but every member enters epoch k when the round
+        ends, as without overlap, so the next round's matchmaking sees them all at it, and a joiner downloads
+        the newest anchor."""
         if self._pending is None:
             return  # the first window since the start or a state load: nothing in flight
         assert self._sent is not None
@@ -139,10 +144,13 @@ class Diloco(Strategy):
                 logger.warning("epoch %d: %s; the local movement stands in for the round", self.epoch, exc)
                 averaged = None
         with torch.no_grad():
+            before = [anchor.clone() for anchor in self.anchor]
             for anchor, pseudo_gradient in zip(self.anchor, averaged if averaged is not None else sent, strict=True):
                 anchor.grad = pseudo_gradient.to(anchor.device, copy=True)
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
+            for parameter, anchor, old in zip(self.parameters, self.anchor, before, strict=True):
+                parameter.add_(anchor - old)
         self.epoch += 1
 
     def _submit(self, outgoing: Outgoing) -> None:

@@ -26,6 +26,10 @@ Outgoing = tuple[list[torch.Tensor], float]
 class Pending(Protocol):
     """A round submitted beside computation; `result()` blocks (or is awaited) until the group answered."""
 
+    def done(self) -> bool:
+        """Whether the answer is there, so `result()` would not wait."""
+        ...
+
     def result(self) -> list[torch.Tensor] | Awaitable[list[torch.Tensor] | None] | None:
         """The group's weighted mean, or None when the round did not happen (the caller logged why)."""
         ...

@@ -2,9 +2,12 @@
 
 The strategies take a synchronous `average(tensors, weight)`; `NetworkHandle.average` is one: it flattens
 the tensors into the shared buffer, asks the network process for the epoch's round, blocks until the answer,
-and hands back views of the buffer shaped like the input. Everything else the network says (views of the
-run, a downloaded state, a co-signed round receipt) waits until the training loop polls for it between
-micro-batches. Sends are locked: the certificate renewer (another thread) hands over renewed certificates.
+and hands back copies shaped like the input. It is `start_average` (copy in, send, return at once) and
+`finish_average` (wait for the answer, copy out) in a row; diloco's overlap calls them a window apart and
+trains meanwhile, while the network process averages the buffer on its own event loop. Everything else the
+network says (views of the run, a downloaded state, a co-signed round receipt, an early answer) waits until
+the training loop polls for it between micro-batches. Sends are locked: the certificate renewer (another
+thread) hands over renewed certificates.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import multiprocessing
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -52,6 +56,14 @@ class RoundSkipped(Exception):
     """The epoch's round did not happen (no group, or the run moved on): the step is skipped, work kept."""
 
 
+@dataclass(frozen=True)
+class _Round:
+    """A round handed to the network process: its epoch and the shapes to cut the buffer back into."""
+
+    epoch: int
+    templates: tuple[tuple[torch.Size, torch.dtype, torch.device], ...]
+
+
 class NetworkHandle:
     """The network process and its Pipe, seen from the trainer."""
 
@@ -69,6 +81,9 @@ class NetworkHandle:
         self.pending: deque[StateBlob] = deque()
         self.receipts: deque[Receipt] = deque()  # co-signed, for the reporter to upload
         self.last_round: Averaged | None = None
+        self._round: _Round | None = None  # submitted, its answer not yet collected
+        self._abandoned: int | None = None  # the epoch of a round given up on, whose answer is still to come
+        self._answers: dict[int, Averaged] = {}  # answers that arrived while polling, by epoch
         self._send_lock = threading.Lock()  # the Pipe's send is not thread-safe
 
     def _send(self, message: object) -> None:
@@ -101,20 +116,54 @@ class NetworkHandle:
 
     def average(self, epoch: int, tensors: list[torch.Tensor], weight: float) -> list[torch.Tensor]:
         """The group's weighted mean of ``tensors`` for the round of ``epoch``; RoundSkipped without a round."""
+        self.start_average(epoch, tensors, weight)
+        return self.finish_average(epoch)
+
+    @property
+    def round_in_flight(self) -> int | None:
+        """The epoch of the round submitted and not yet collected, if any."""
+        return None if self._round is None else self._round.epoch
+
+    def answered(self, epoch: int) -> bool:
+        """Whether the answer of ``epoch``'s round came in a poll already, so `finish_average` would not wait."""
+        return epoch in self._answers
+
+    def start_average(self, epoch: int, tensors: list[torch.Tensor], weight: float) -> None:
+        """Copy ``tensors`` into the shared buffer and ask for the epoch's round; returns without waiting."""
+        if self._round is not None:
+            raise RuntimeError(f"the round of epoch {self._round.epoch} is still in flight: finish it first")
+        self._settle_abandoned()  # its butterfly may still write the buffer
         flat = torch.cat([tensor.detach().reshape(-1).to("cpu", torch.float32) for tensor in tensors])
         self.buffer.copy_(flat)
         self._send(Average(epoch, weight))
-        answer = self._receive(ROUND_TIMEOUT_S, Averaged, f"to average epoch {epoch}")
-        assert isinstance(answer, Averaged)
+        self._round = _Round(epoch, tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in tensors))
+
+    def finish_average(self, epoch: int) -> list[torch.Tensor]:
+        """Wait for the answer of the round ``start_average`` sent; copies of the averaged tensors.
+
+        RoundSkipped when the round did not happen; NetworkFailed when no answer came in ROUND_TIMEOUT_S."""
+        round_ = self._round
+        if round_ is None or round_.epoch != epoch:
+            raise RuntimeError(f"no round of epoch {epoch} in flight (in flight: {self.round_in_flight})")
+        answer = self._answer(epoch)
+        self._round = None
         self.last_round = answer
         if not answer.ok:
             raise RoundSkipped(f"epoch {epoch}: {answer.detail}")
         out, offset = [], 0
-        for tensor in tensors:
-            part = self.buffer[offset : offset + tensor.numel()]
-            out.append(part.view_as(tensor).to(tensor.device, tensor.dtype, copy=True))
-            offset += tensor.numel()
+        for shape, dtype, device in round_.templates:
+            numel = shape.numel()
+            out.append(self.buffer[offset : offset + numel].view(shape).to(device, dtype, copy=True))
+            offset += numel
         return out
+
+    def abandon_average(self) -> None:
+        """Give up on the round in flight (a downloaded state replaced what it carried); its answer is dropped."""
+        if self._round is not None:
+            logger.info("abandoned the round of epoch %d; its answer will be dropped", self._round.epoch)
+            self._abandoned = self._round.epoch
+            self._answers.pop(self._round.epoch, None)
+            self._round = None
 
     def leave(self) -> None:
         """Ask the network process to leave the run and wait for it; terminate it if it lingers.
@@ -163,8 +212,31 @@ class NetworkHandle:
                 return message
             self._take(message)
 
+    def _answer(self, epoch: int) -> Averaged:
+        """The answer for ``epoch``'s round: taken in by a poll already, or the next one to come."""
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        while epoch not in self._answers:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            self._take(self._receive(remaining, Averaged, f"to average epoch {epoch}"))
+        return self._answers.pop(epoch)
+
+    def _settle_abandoned(self) -> None:
+        """Wait for an abandoned round's answer: until it came, the network process may write the buffer."""
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        while self._abandoned is not None:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            self._take(self._receive(remaining, Averaged, f"to end the abandoned round of epoch {self._abandoned}"))
+
     def _take(self, message: object) -> None:
-        if isinstance(message, View):
+        if isinstance(message, Averaged):
+            if message.epoch == self._abandoned:
+                self._abandoned = None
+                logger.info("dropped the answer of the abandoned round of epoch %d", message.epoch)
+            elif self._round is not None and message.epoch == self._round.epoch:
+                self._answers[message.epoch] = message
+            else:
+                logger.warning("an answer for epoch %d, for which no round is in flight: dropped", message.epoch)
+        elif isinstance(message, View):
             self.view = message
         elif isinstance(message, StateBlob):
             self.pending.append(message)

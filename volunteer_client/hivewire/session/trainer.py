@@ -4,7 +4,9 @@ Reads top to bottom: take in what the network said (the run's view, a downloaded
 receipts for the reporter), one micro-batch forward and backward, report progress, and at the epoch boundary
 (the run reached its target batch, by the gossiped view) the strategy's step, which averages through the
 network process. dedloc steps only at boundaries; diloco steps every micro-batch and averages every
-`inner_steps`. After each epoch a signed progress report goes to the server's queue (reporter.py).
+`inner_steps`; with the run's `overlap` it submits the round at a window's end and collects it at the next
+one (`NetworkRound`), training meanwhile. After each epoch a signed progress report goes to the server's
+queue (reporter.py).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any, TextIO
 
 import torch
 
-from hivewire.optim import Dedloc, Diloco, DilocoConfig, Strategy, StrategyError, parameter_hash
+from hivewire.optim import Dedloc, Diloco, DilocoConfig, Strategy, StrategyError, state_hash
 from hivewire.recipes import Recipe, shard_seed
 from hivewire.reporter import LinkTypes, Reporter
-from hivewire.session.handle import NetworkHandle, RoundSkipped
+from hivewire.session.handle import NetworkFailed, NetworkHandle, RoundSkipped
 from hivewire.session.messages import StateBlob, View
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ class TrainConfig:
     max_steps: int | None = None  # local micro-batches, then leave
     max_epochs: int | None = None  # the run's epochs (averaging rounds), then leave
     checkpoint_dir: Path | None = None  # where the final model is written (torch state dict)
-    inner_steps: int = DilocoConfig.inner_steps  # diloco's H: local steps between two averaging rounds
+    inner_steps: int = DilocoConfig.inner_steps  # diloco's H: local steps between two averaging rounds (the run's)
+    overlap: bool = False  # diloco: average beside computation, the outer step one round late (the run's)
 
 
 @dataclass
@@ -67,13 +70,38 @@ def run_seed(run: str) -> int:
 
 
 def build_strategy(
-    name: str, recipe: Recipe, run: str, average: Callable[..., Any], inner_steps: int = DilocoConfig.inner_steps
+    name: str,
+    recipe: Recipe,
+    run: str,
+    average: Callable[..., Any],
+    inner_steps: int = DilocoConfig.inner_steps,
+    overlap: bool = False,
 ) -> Strategy:
+    """The run's strategy on the run's initial model; with diloco's overlap `average` is a StartFn."""
     model = recipe.build_model(run_seed(run))
     optimizer = recipe.optimizer(model)
     if name == "dedloc":
         return Dedloc(model, optimizer, average)
-    return Diloco(model, optimizer, average, DilocoConfig(inner_steps=inner_steps))
+    return Diloco(model, optimizer, average, DilocoConfig(inner_steps=inner_steps, overlap=overlap))
+
+
+class NetworkRound:
+    """A round submitted to the network process beside computation (diloco's overlap): the strategy's Pending."""
+
+    def __init__(self, network: NetworkHandle, epoch: int, tensors: list[torch.Tensor], weight: float) -> None:
+        self._network, self._epoch = network, epoch
+        network.start_average(epoch, tensors, weight)
+
+    def done(self) -> bool:
+        return self._network.answered(self._epoch)
+
+    def result(self) -> list[torch.Tensor] | None:
+        """The group's average; None (logged) when the round did not happen, so the local movement stands in."""
+        try:
+            return self._network.finish_average(self._epoch)
+        except RoundSkipped as exc:
+            logger.warning("%s; this window's local movement stands in for the round", exc)
+            return None
 
 
 def serialize(strategy: Strategy) -> bytes:
@@ -91,7 +119,7 @@ def load_state(strategy: Strategy, state: StateBlob) -> bool:
     except (StrategyError, RuntimeError, ValueError, KeyError, EOFError) as exc:
         logger.warning("refused the state of epoch %d from %s: %s", state.epoch, state.donor, exc)
         return False
-    if state.param_hash is not None and parameter_hash(strategy.model) != state.param_hash:
+    if state.param_hash is not None and state_hash(strategy.agreed_state()) != state.param_hash:
         assert before is not None
         strategy.load_state_dict(torch.load(io.BytesIO(before), weights_only=True))
         logger.warning("refused the state from %s: its parameters do not match the hash it gossiped", state.donor)
@@ -175,19 +203,23 @@ def train(
     reporter: Reporter | None = None,
 ) -> TrainResult:
     """Train until max steps/epochs or Ctrl-C; the caller leaves the run and closes the network afterwards."""
+    overlap = config.overlap and strategy_name == "diloco"
     strategy: Strategy = build_strategy(
         strategy_name,
         recipe,
         run,
-        lambda tensors, weight: network.average(strategy.epoch, tensors, weight),
+        (lambda tensors, weight: _submit(strategy, network, tensors, weight, rate))
+        if overlap
+        else (lambda tensors, weight: network.average(strategy.epoch, tensors, weight)),
         config.inner_steps,
+        overlap,
     )
     strategy.model.to(config.device)
     result, line, reports = TrainResult(), ProgressLine(), ServerReports(reporter)
     state = network.wait_started()
     if state is not None and load_state(strategy, state):
         line.note(f"Downloaded the run's state at epoch {state.epoch} from {state.donor}")
-    digest = parameter_hash(strategy.model)  # of this epoch's parameters, gossiped to detect divergence
+    digest = state_hash(strategy.agreed_state())  # of this epoch's parameters, gossiped to detect divergence
     network.snapshot(strategy.epoch, serialize(strategy), digest)
     network.report(strategy.epoch, 0, 0.0, digest)
     epoch_losses: list[float] = []
@@ -202,8 +234,9 @@ def train(
                 state = network.pending.popleft()
                 if load_state(strategy, state):
                     line.note(f"Caught up: downloaded the run's state at epoch {state.epoch} from {state.donor}")
+                    network.abandon_average()  # the state replaced what a round in flight carried
                     epoch_losses.clear()
-                    digest = parameter_hash(strategy.model)
+                    digest = state_hash(strategy.agreed_state())
                     network.snapshot(strategy.epoch, serialize(strategy), digest)
                     network.report(strategy.epoch, 0, 0.0, digest)
             # one micro-batch: forward, backward (gradients weighted by samples)
@@ -237,6 +270,10 @@ def train(
         result.interrupted = True
     finally:
         line.close()
+    if isinstance(strategy, Diloco) and strategy.rounds_in_flight:
+        _finish_in_flight(strategy, network, rate, result, line)
+    elif isinstance(strategy, Diloco) and strategy.config.overlap:
+        strategy.finish()  # nothing in flight: stand on the agreed anchor, as a blocking run ends
     reports.progress(strategy.epoch, samples_seen, epoch_losses, rate, network.view)  # the unfinished epoch's work
     result.epoch = strategy.epoch
     if result.losses:
@@ -248,10 +285,42 @@ def train(
     return result
 
 
+def _submit(
+    strategy: Strategy, network: NetworkHandle, tensors: list[torch.Tensor], weight: float, rate: float
+) -> NetworkRound:
+    """Submit the epoch's round; when its outer step was only just applied (a late answer), announce the epoch
+    first, so the network process matchmakes among the peers at it rather than alone."""
+    network.report(strategy.epoch, 0, rate, state_hash(strategy.agreed_state()))
+    return NetworkRound(network, strategy.epoch, tensors, weight)
+
+
 def _done(result: TrainResult, strategy: Strategy, config: TrainConfig) -> bool:
+    """Steps taken, or epochs reached counting a round in flight (collected on leaving): the same windows
+    of work, with or without overlap, for the same --max-epochs."""
     return (config.max_steps is not None and result.steps >= config.max_steps) or (
-        config.max_epochs is not None and strategy.epoch >= config.max_epochs
+        config.max_epochs is not None and strategy.epoch + strategy.rounds_in_flight >= config.max_epochs
     )
+
+
+def _finish_in_flight(
+    strategy: Diloco, network: NetworkHandle, rate: float, result: TrainResult, line: ProgressLine
+) -> None:
+    """Leaving with a round in flight: collect and apply it, so the group got our window and we end on the
+    anchor every member holds. After Ctrl-C, or if the network cannot answer, abandon it instead (the network
+    process still serves its part while it leaves) and end on the last agreed anchor."""
+    epoch = strategy.epoch
+    try:
+        if result.interrupted:
+            raise KeyboardInterrupt
+        strategy.finish()
+    except (NetworkFailed, KeyboardInterrupt) as exc:
+        result.interrupted = result.interrupted or isinstance(exc, KeyboardInterrupt)
+        strategy.abandon()
+        network.abandon_average()
+        line.note(f"Left the round of epoch {epoch} unfinished ({exc or 'interrupted'}); ending on epoch {epoch}")
+        return
+    if strategy.epoch != epoch:
+        _after_round(strategy, network, rate, result)
 
 
 def _after_round(strategy: Strategy, network: NetworkHandle, rate: float, result: TrainResult) -> str:
@@ -263,7 +332,7 @@ def _after_round(strategy: Strategy, network: NetworkHandle, rate: float, result
         result.bytes_sent += round_.bytes_sent
     if round_ is not None and round_.excluded:
         logger.warning("epoch %d: excluded from the round: %s", round_.epoch, round_.excluded)
-    digest = parameter_hash(strategy.model)
+    digest = state_hash(strategy.agreed_state())
     network.report(strategy.epoch, 0, rate, digest)  # the rate lets others extrapolate our samples at once
     network.snapshot(strategy.epoch, serialize(strategy), digest)
     return digest
