@@ -18,6 +18,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -69,14 +71,20 @@ class NetworkHandle:
 
     def __init__(self, config: NetworkConfig, numel: int) -> None:
         # Shared memory: the network process averages this buffer in place, no tensor crosses the Pipe.
-        self.buffer = torch.zeros(numel, dtype=torch.float32).share_memory_()
+        buffer = torch.zeros(numel, dtype=torch.float32).share_memory_()
         context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=run_network, args=(config, child, self.buffer), name="hivewire-network", daemon=True
+        conn, child = context.Pipe()
+        process = context.Process(
+            target=run_network, args=(config, child, buffer), name="hivewire-network", daemon=True
         )
-        self._process.start()
+        process.start()
         child.close()
+        self._attach(conn, buffer, process)
+
+    def _attach(self, conn: Connection, buffer: torch.Tensor, process: BaseProcess) -> None:
+        """Take the Pipe's end, the shared buffer and the process (tests attach a Pipe they answer themselves)."""
+        self.buffer = buffer
+        self._conn, self._process = conn, process
         self.view: View | None = None
         self.pending: deque[StateBlob] = deque()
         self.receipts: deque[Receipt] = deque()  # co-signed, for the reporter to upload
