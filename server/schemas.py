@@ -15,6 +15,8 @@ Visibility = Literal["public", "private"]
 JoinPolicy = Literal["open", "allowlist"]
 RunStatus = Literal["open", "closed"]
 MAX_PEERS_LIMIT = 100_000
+# An averaging round's result names its contributors in a 64-bit mask (the client's averaging/partition.py).
+MAX_GROUP_SIZE = 64
 MAX_INNER_STEPS = 100_000
 
 
@@ -102,7 +104,7 @@ class RunFields(Strict):
     recipe_version: str = Field(default="1", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._+-]+$")
     strategy: Strategy = "dedloc"
     target_batch_size: int = Field(ge=1, le=10**9)
-    group_size: int = Field(default=16, ge=2, le=256)
+    group_size: int = Field(default=16, ge=2, le=MAX_GROUP_SIZE)
     compression: Compression = "none"
     visibility: Visibility = "public"
     join_policy: JoinPolicy = "open"
@@ -124,7 +126,7 @@ class RunUpdate(Strict):
     recipe_version: str | None = Field(default=None, min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._+-]+$")
     strategy: Strategy | None = None
     target_batch_size: int | None = Field(default=None, ge=1, le=10**9)
-    group_size: int | None = Field(default=None, ge=2, le=256)
+    group_size: int | None = Field(default=None, ge=2, le=MAX_GROUP_SIZE)
     compression: Compression | None = None
     visibility: Visibility | None = None
     join_policy: JoinPolicy | None = None

@@ -26,6 +26,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from hivewire.averaging.partition import MAX_GROUP_SIZE
 from hivewire.coordination.errors import RecordRefused
 from hivewire.errors import CertificateError
 from hivewire.identity import CLOCK_SKEW_S, MAX_CERTIFICATE_BYTES, CertificateVerifier, PeerCertificate, PeerIdentity
@@ -40,7 +41,7 @@ MAX_SAMPLES_PER_SECOND = 1e9  # far above any volunteer; a larger claim is a lie
 MAX_TIME = 2.0**40  # seconds since 1970: year ~36812; the skew window does the real check
 MAX_GOSSIP_TTL = 8  # hops a record may still travel; a larger ttl is refused, not clamped
 MAX_LINK_THROUGHPUT = 1e12  # bytes/s (8 Tbit/s): far above any volunteer's links
-MAX_GROUP_MEMBERS = 256
+MAX_GROUP_MEMBERS = MAX_GROUP_SIZE  # a round's result names its contributors in a 64-bit mask
 MAX_ATTEMPTS = 64
 SIGNATURE_BYTES = 64
 PEER_ID = re.compile(r"p[a-z2-7]{24}")

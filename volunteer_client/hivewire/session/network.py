@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from hivewire.averaging import LinkGroupTransport, butterfly_allreduce, get_codec
+from hivewire.averaging.partition import MAX_GROUP_SIZE
 from hivewire.coordination import (
     COORDINATION_SCHEMAS,
     Group,
@@ -159,7 +160,7 @@ class NetworkSide:
             run=config.run,
             settings=ProgressSettings(target_batch_size=config.target_batch_size),
         )
-        self.matchmaker = Matchmaker(self.mesh, MatchmakingSettings(group_size=config.group_size))
+        self.matchmaker = Matchmaker(self.mesh, MatchmakingSettings(group_size=min(config.group_size, MAX_GROUP_SIZE)))
         self.states = StateExchange(self.mesh)
         self.receipts = ReceiptExchange(self.mesh, identity, certificate, certificates, run=config.run)
         loop = asyncio.get_running_loop()
