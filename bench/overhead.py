@@ -9,7 +9,10 @@ the processes do besides training:
 * ``join, alone``: two ``hivewire join`` volunteers, each alone in its own run of a real server (network
   process, gossip, a round of one member at every epoch): the framework without collaboration;
 * ``join, together``: two ``hivewire join`` volunteers in one run: matchmaking and a butterfly round over
-  WebRTC on loopback at every epoch. This is the row the benchmark is about.
+  WebRTC on loopback at every epoch. This is the row the benchmark is about;
+* ``diloco blocking`` and ``diloco overlap``: two volunteers together in a diloco run (``--diloco-inner-steps``
+  H, 0 skips them), the trainer waiting for every round, or averaging beside computation (the outer step
+  one round late); their ratio is what overlap buys.
 
 A volunteer's samples/s is its own trainer's rate (samples it computed / seconds since its training began,
 time blocked in averaging included), from its last progress line after ``--seconds`` of training. Ratios
@@ -20,7 +23,7 @@ table, since other work on the machine skews every row.
 
 Usage::
 
-    python bench/overhead.py                    # under 3 minutes: 20 s of training per phase
+    python bench/overhead.py                    # under 4 minutes: 20 s of training per phase
     python bench/overhead.py --seconds 60 --target-batch 1024 --compression fp16
 """
 
@@ -161,17 +164,20 @@ class Bench:
             response.raise_for_status()
             return str(response.json()["token"])
 
-    def create_run(self, slug: str) -> None:
+    def create_run(self, slug: str, *, inner_steps: int = 0, overlap: bool = False) -> None:
+        """A tiny-lm run: dedloc, or diloco with ``inner_steps`` and ``overlap`` when ``inner_steps`` > 0."""
         run = {
             "slug": slug,
             "name": slug,
             "description": "bench/overhead.py",
             "recipe": "tiny-lm",
-            "strategy": "dedloc",
+            "strategy": "diloco" if inner_steps else "dedloc",
             "target_batch_size": self.args.target_batch,
             "group_size": 8,
             "compression": self.args.compression,
         }
+        if inner_steps:
+            run |= {"inner_steps": inner_steps, "overlap": overlap}
         headers = {"Authorization": f"Bearer {self.organizer_token}"}
         httpx.post(f"{self.url}/api/runs", json=run, headers=headers, timeout=10.0).raise_for_status()
 
@@ -226,6 +232,9 @@ def main() -> int:
     parser.add_argument("--target-batch", type=int, default=512, help="the run's samples per epoch (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="each volunteer's micro-batch (default 8)")
     parser.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
+    parser.add_argument(
+        "--diloco-inner-steps", type=int, default=32, help="H of the diloco rows, blocking vs overlap (0: skip them)"
+    )
     parser.add_argument("--local-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_worker:
@@ -237,18 +246,28 @@ def main() -> int:
         try:
             print(f"overhead: server on {bench.url}; {args.seconds:.0f} s of training per phase", flush=True)
             bench.start_server()
-            print("phase 1/3: two local loops", flush=True)
+            phases = 5 if args.diloco_inner_steps else 3
+            print(f"phase 1/{phases}: two local loops", flush=True)
             local = bench.measure(bench.local_loops(), volunteers=False)
-            print("phase 2/3: two volunteers, each alone in its own run", flush=True)
+            print(f"phase 2/{phases}: two volunteers, each alone in its own run", flush=True)
             for slug in ("alone-a", "alone-b", "together"):
                 bench.create_run(slug)
             alone = bench.measure(
                 [bench.volunteer("ada", "alone-a"), bench.volunteer("brook", "alone-b")], volunteers=True
             )
-            print("phase 3/3: two volunteers together in one run", flush=True)
+            print(f"phase 3/{phases}: two volunteers together in one run", flush=True)
             together = bench.measure(
                 [bench.volunteer("cyril", "together"), bench.volunteer("dora", "together")], volunteers=True
             )
+            diloco: dict[str, tuple[list[float], int]] = {}
+            for phase, overlap in enumerate((False, True), start=4):
+                if not args.diloco_inner_steps:
+                    break
+                mode = "overlap" if overlap else "blocking"
+                print(f"phase {phase}/{phases}: two volunteers together in a diloco run, {mode}", flush=True)
+                bench.create_run(f"diloco-{mode}", inner_steps=args.diloco_inner_steps, overlap=overlap)
+                pair = [bench.volunteer(f"{name}-{mode}", f"diloco-{mode}") for name in ("emil", "fay")]
+                diloco[mode] = bench.measure(pair, volunteers=True)
         finally:
             if bench.server is not None:
                 bench.server.stop(signal.SIGTERM)
@@ -262,6 +281,11 @@ def main() -> int:
     print(row("local loop", local, local_mean, alone_mean))
     print(row("join, alone", alone, local_mean, alone_mean))
     print(row("join, together", together, local_mean, alone_mean))
+    for mode, measured in diloco.items():
+        print(row(f"diloco {mode}", measured, local_mean, alone_mean))
+    if len(diloco) == 2:
+        blocking, overlapped = (sum(diloco[mode][0]) / 2 for mode in ("blocking", "overlap"))
+        print(f"diloco (H={args.diloco_inner_steps}) overlap / blocking: {overlapped / blocking:.2f}")
     print(f"load average {' '.join(f'{value:.2f}' for value in os.getloadavg())} on {os.cpu_count()} CPUs")
     return 0
 
