@@ -224,7 +224,9 @@ class NetworkHandle:
         """The answer for ``epoch``'s round: taken in by a poll already, or the next one to come."""
         deadline = time.monotonic() + ROUND_TIMEOUT_S
         while epoch not in self._answers:
-            remaining = max(deadline - time.monotonic(), 0.0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NetworkFailed(f"the network process took more than {ROUND_TIMEOUT_S} s to average epoch {epoch}")
             self._take(self._receive(remaining, Averaged, f"to average epoch {epoch}"))
         return self._answers.pop(epoch)
 
@@ -232,8 +234,11 @@ class NetworkHandle:
         """Wait for an abandoned round's answer: until it came, the network process may write the buffer."""
         deadline = time.monotonic() + ROUND_TIMEOUT_S
         while self._abandoned is not None:
-            remaining = max(deadline - time.monotonic(), 0.0)
-            self._take(self._receive(remaining, Averaged, f"to end the abandoned round of epoch {self._abandoned}"))
+            what = f"to end the abandoned round of epoch {self._abandoned}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NetworkFailed(f"the network process took more than {ROUND_TIMEOUT_S} s {what}")
+            self._take(self._receive(remaining, Averaged, what))
 
     def _take(self, message: object) -> None:
         if isinstance(message, Averaged):
