@@ -161,3 +161,16 @@ def test_a_run_with_a_recipe_this_client_lacks_is_refused(
     assert "no-such-recipe" in volunteer.output
     assert "Install the package that provides recipe no-such-recipe version" in volunteer.output
     assert not volunteer.checkpoint.exists()
+
+
+def test_an_inner_steps_flag_other_than_the_runs_is_refused(
+    volunteers: Volunteers, http: httpx.Client, organizer: Account
+) -> None:
+    """diloco's H is the run's: a volunteer asking for another would never line up with its rounds."""
+    spec = {**E2E_RUN, "slug": "diloco-h", "strategy": "diloco", "inner_steps": 64}
+    response = http.post("/api/runs", json=spec, headers=organizer.headers)
+    assert response.status_code == 201, response.text
+    volunteer = volunteers.join("erin", "--max-steps", "1", "--inner-steps", "65", slug="diloco-h")
+    assert volunteer.wait() == 1
+    assert "--inner-steps 65 differs from the run's 64" in volunteer.output
+    assert not volunteer.checkpoint.exists()
