@@ -179,3 +179,18 @@ def test_a_loaded_state_drops_the_round_in_flight() -> None:
     assert strategy.rounds_in_flight == 0 and strategy.epoch == 0
     inner_step(weight, strategy)  # a fresh window 0: nothing applied, a new round submitted
     assert strategy.epoch == 0 and torch.equal(strategy.anchor[0], torch.zeros(2))
+
+
+async def test_a_joiner_loads_the_anchor_every_peer_holds_not_a_donors_window() -> None:
+    """Mid-run, with a round in flight and a window of local work on the donor: the state a joiner downloads is
+    the agreed anchor (the same from either peer), at the agreed epoch, with no round in flight."""
+    group = MeanGroup(2)
+    alice, bob = classifier_peer(group, 4), classifier_peer(group, 4)
+    await asyncio.gather(train("p-alice", alice, 10, []), train("p-bob", bob, 10, []))
+    assert alice.rounds_in_flight == 1 and alice.inner_steps_done == 2
+    joiner = classifier_peer(MeanGroup(1), 4)
+    joiner.load_state_dict(alice.state_dict())
+    assert (joiner.epoch, joiner.rounds_in_flight) == (alice.epoch, 0)
+    assert state_hash(joiner.model.state_dict()) == state_hash(alice.agreed_state()) == state_hash(bob.agreed_state())
+    assert state_hash(joiner.model.state_dict()) != state_hash(alice.model.state_dict())
+    await asyncio.gather(alice.afinish(), bob.afinish())  # the group's pending round, so no task is left behind
