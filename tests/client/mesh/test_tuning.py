@@ -25,17 +25,21 @@ import aiortc.rtcpeerconnection
 import pytest
 from aiortc import RTCPeerConnection
 from aiortc.rtcsctptransport import (
+    SCTP_COMMON_HEADER_LENGTH,
     SCTP_DATA_FIRST_FRAG,
     SCTP_DATA_LAST_FRAG,
     SCTP_DATA_UNORDERED,
+    SCTP_MAX_PACKET_LENGTH,
     DataChunk,
     RTCSctpTransport,
+    SackChunk,
     tsn_minus_one,
 )
 
 from hivewire.mesh import Link, LinkSettings, tuning
 from hivewire.mesh.tuning import (
     ENV_SWITCH,
+    SACK_MAX_ENTRIES,
     TUNED_AIORTC_VERSION,
     UDP_RECEIVE_BUFFER_BYTES,
     TunedSctpTransport,
@@ -225,6 +229,7 @@ class Wire:
     sent: dict[int, int] = field(default_factory=dict)  # DATA TSN -> transmissions, drops included
     dropped: int = 0
     sacks: int = 0
+    longest_sack: int = 0  # bytes of the longest SACK packet sent
 
     def install(self, pc: RTCPeerConnection) -> None:
         dtls = pc.sctp.transport
@@ -239,6 +244,7 @@ class Wire:
                     return
             elif len(data) > 12 and data[12] == SACK:
                 self.sacks += 1
+                self.longest_sack = max(self.longest_sack, len(data))
             await send(data)
 
         dtls._send_data = send_data
@@ -418,3 +424,65 @@ async def test_tuned_and_untuned_peers_exchange_payloads_both_ways(pairs) -> Non
         tuned_pc, tuned_wire, untuned_wire = (pair.pc_a, wire_a, wire_b) if tuned_a else (pair.pc_b, wire_b, wire_a)
         assert tuned_pc.sctp._peer_tuned is False
         assert tuned_wire.sacks >= 0.9 * len(untuned_wire.sent)
+
+
+async def _sack_after(received: list[int], duplicates: int, kind: type[RTCSctpTransport]) -> SackChunk:
+    """The SACK a ``kind`` transport sends once the TSNs ``received`` (offsets) arrived, some twice."""
+    sctp = kind(_Dtls())
+    sctp._last_received_tsn = tsn_minus_one(2**32 - 100)  # the offsets cross the TSN wrap
+    sent: list[SackChunk] = []
+
+    async def capture(chunk: SackChunk) -> None:
+        sent.append(chunk)
+
+    async def receive(stream_id: int, pp_id: int, data: bytes) -> None:
+        pass
+
+    sctp._send_chunk, sctp._receive = capture, receive
+    arriving = [(2**32 - 100 + offset) % 2**32 for offset in received]
+    for tsn in arriving + arriving[:duplicates]:
+        chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG)
+        chunk.tsn, chunk.stream_id, chunk.user_data = tsn, 1, b"x"
+        await sctp._receive_data_chunk(chunk)
+    await sctp._send_sack()  # the peer is not known to be tuned: a SACK is due at once
+    assert len(sent) == 1
+    return sent[0]
+
+
+async def test_a_sack_after_scattered_losses_fits_one_packet_and_reports_the_lowest_gaps() -> None:
+    """Every other TSN of 1,000 lost: 500 gaps, more than one packet holds (aiortc sends them all)."""
+    received = list(range(1, 1000, 2))
+    untuned = await _sack_after(received, 0, RTCSctpTransport)
+    assert SCTP_COMMON_HEADER_LENGTH + len(bytes(untuned)) > 1500, "aiortc's SACK outgrows what its DTLS carries"
+
+    sack = await _sack_after(received, 40, TunedSctpTransport)
+    assert SCTP_COMMON_HEADER_LENGTH + len(bytes(sack)) <= SCTP_MAX_PACKET_LENGTH
+    assert sack.cumulative_tsn == tsn_minus_one(2**32 - 100)
+    assert sack.gaps == [(offset + 1, offset + 1) for offset in received[:SACK_MAX_ENTRIES]]  # the lowest gaps
+    assert sack.duplicates == []  # no room left: duplicates are only informational
+
+    few_gaps = await _sack_after([1, 2, 5, *range(7, 900)], 600, TunedSctpTransport)
+    assert few_gaps.gaps == [(2, 3), (6, 6), (8, 900)]
+    assert len(few_gaps.duplicates) == SACK_MAX_ENTRIES - 3  # duplicates fill what the gaps leave
+    assert SCTP_COMMON_HEADER_LENGTH + len(bytes(few_gaps)) <= SCTP_MAX_PACKET_LENGTH
+
+
+async def test_a_burst_of_scattered_losses_both_ways_is_recovered(pairs) -> None:
+    """Every other packet of a full window lost twice over (a receive buffer overflowing under load), both ways.
+
+    Hundreds of gaps follow. With aiortc's SACKs, each outgrows the 1,500 bytes its DTLS carries and is lost:
+    the sender hears nothing, retransmits one chunk per T3 expiry and the keepalive closes the link (issue 8).
+    """
+    pair = await pairs(True, True)
+    wires = []
+    for pc in (pair.pc_a, pair.pc_b):
+        first = pc.sctp._local_tsn
+        wire = Wire(drop=lambda tsn, sent, first=first: sent == 1 and 100 <= (tsn - first) % 2**32 < 1900 and tsn % 2)
+        wire.install(pc)
+        wires.append(wire)
+    forth, back = os.urandom(2 * 2**20), os.urandom(2 * 2**20 + 3)
+    await asyncio.gather(transfer(pair.a, pair.b, forth), transfer(pair.b, pair.a, back))
+    for wire in wires:
+        assert wire.dropped > 400
+        assert wire.retransmissions >= wire.dropped
+        assert 0 < wire.longest_sack <= SCTP_MAX_PACKET_LENGTH

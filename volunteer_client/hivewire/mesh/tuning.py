@@ -48,11 +48,14 @@ import aiortc
 import aiortc.rtcpeerconnection
 import aiortc.rtcsctptransport
 from aiortc.rtcsctptransport import (
+    SCTP_COMMON_HEADER_LENGTH,
     SCTP_DATA_LAST_FRAG,
+    SCTP_MAX_PACKET_LENGTH,
     DataChunk,
     ForwardTsnChunk,
     RTCSctpTransport,
     SackChunk,
+    tsn_plus_one,
     uint32_gt,
 )
 
@@ -63,6 +66,9 @@ ENV_SWITCH = "HIVEWIRE_SCTP_TUNING"
 _OFF_VALUES = frozenset({"off", "0", "false", "no"})
 _ON_VALUES = frozenset({"", "on", "1", "true", "yes"})
 
+# A chunk's miss count once it has been fast retransmitted: aiortc's strike counter never climbs back to 3 from
+# here, so the chunk is fast retransmitted once (RFC 9260 7.2.4) and a lost retransmission waits for T3.
+_FAST_RETRANSMITTED = -(2**62)
 MAX_BURST_PACKETS = 32  # new packets per transmit call; aiortc allows flight + 4
 FAST_RECOVERY_BURST_PACKETS = 2  # as aiortc: during fast recovery the window must shrink
 SACK_EVERY_PACKETS = 8  # DATA chunks acknowledged per SACK when packets arrive back to back
@@ -70,6 +76,10 @@ SACK_DELAY_S = 0.002  # longest a SACK waits for more packets; far below the 1 s
 INITIAL_CWND_BYTES = 1 * 2**20  # towards a tuned peer; others get aiortc's initial window
 RECEIVE_WINDOW_BYTES = 8 * 2**20
 UDP_RECEIVE_BUFFER_BYTES = 4 * 2**20
+# Gap blocks and duplicate TSNs (4 bytes each) that fit one SACK packet. aiortc's DTLS moves at most 1,500 bytes
+# per datagram each way (bio_read(1500), recv(1500)): a longer SACK arrives cut and is dropped, every time.
+_SACK_CHUNK_HEADER_LENGTH = 16
+SACK_MAX_ENTRIES = (SCTP_MAX_PACKET_LENGTH - SCTP_COMMON_HEADER_LENGTH - _SACK_CHUNK_HEADER_LENGTH) // 4
 
 # What the tuning replaces or relies on; a missing one means this aiortc is not the one it was written for.
 _SCTP_METHODS = (
@@ -108,6 +118,7 @@ class TunedSctpTransport(RTCSctpTransport):
         self._advertised_rwnd = RECEIVE_WINDOW_BYTES
         self._peer_rwnd: int | None = None  # a_rwnd of the peer's latest SACK; unknown until the first one
         self._retransmit_possible = False  # set by the events that can mark a chunk for retransmission
+        self._t3_marked: set[int] = set()  # TSNs the latest T3 expiry marked: these may be fast retransmitted again
         self._unacked_packets = 0  # DATA chunks received since our last SACK
         self._sack_now = False  # something arrived that the peer must hear about without delay
         self._peer_tuned = False  # known at ESTABLISHED, from the window the peer's INIT announced
@@ -124,8 +135,20 @@ class TunedSctpTransport(RTCSctpTransport):
         await super()._receive_sack_chunk(chunk)
 
     def _t3_expired(self) -> None:
+        """aiortc's T3 expiry (cwnd to one packet, everything outstanding marked), sparing gap-acknowledged chunks.
+
+        A gap-acknowledged chunk is not outstanding (RFC 9260 1.3; Linux spares it too). aiortc resends it, so
+        the one-packet window refills with duplicates, which acknowledge nothing new: the chunks really lost
+        collect no miss indications and each waits for the next T3 expiry, about ten chunks a second.
+        """
         self._retransmit_possible = True
         super()._t3_expired()
+        self._t3_marked = set()
+        for chunk in self._sent_queue:
+            if chunk._acked:
+                chunk._retransmit = False
+            elif chunk._retransmit:
+                self._t3_marked.add(chunk.tsn)
 
     async def _transmit(self) -> None:
         """aiortc's _transmit without the per-call retransmit scan and with a burst limit that keeps the window."""
@@ -150,7 +173,10 @@ class TunedSctpTransport(RTCSctpTransport):
                         self._retransmit_possible = True  # what is left goes out on the next SACK
                         return
                     self._flight_size_increase(chunk)
-                    chunk._misses = 0
+                    # aiortc resets the count and strikes the copy again on the next three SACKs that were on
+                    # their way before it arrived: dozens of copies per lost chunk, which overflow the peer.
+                    chunk._misses = 0 if chunk.tsn in self._t3_marked else _FAST_RETRANSMITTED
+                    self._t3_marked.discard(chunk.tsn)
                     chunk._retransmit = False
                     chunk._sent_count += 1
                     await self._send_chunk(chunk)
@@ -194,6 +220,25 @@ class TunedSctpTransport(RTCSctpTransport):
                 await self._receive(*message)
         await self._reset_deferred_streams()
 
+    def _mark_received(self, tsn: int) -> bool:
+        """aiortc's _mark_received (True for a duplicate), in TSN order across the wrap and O(1) per chunk.
+
+        aiortc sorts the out-of-order TSNs numerically on every chunk: O(gaps log gaps) per packet while a loss
+        is repaired, and across the 2**32 wrap 0 sorts before 2**32 - 1, so the cumulative TSN stops short.
+        """
+        if not uint32_gt(tsn, self._last_received_tsn) or tsn in self._sack_misordered:
+            self._sack_duplicates.append(tsn)
+            return True
+        self._sack_misordered.add(tsn)
+        following = tsn_plus_one(self._last_received_tsn)
+        while following in self._sack_misordered:
+            self._sack_misordered.remove(following)
+            self._last_received_tsn = following
+            following = tsn_plus_one(following)
+        if self._sack_duplicates:
+            self._sack_duplicates = [x for x in self._sack_duplicates if uint32_gt(x, self._last_received_tsn)]
+        return False
+
     async def _receive_forward_tsn_chunk(self, chunk: ForwardTsnChunk) -> None:
         self._sack_now = True
         await super()._receive_forward_tsn_chunk(chunk)
@@ -216,7 +261,44 @@ class TunedSctpTransport(RTCSctpTransport):
         self._cancel_sack_timer()
         self._unacked_packets = 0
         self._sack_now = False
-        await super()._send_sack()
+        await self._send_bounded_sack()
+
+    async def _send_bounded_sack(self) -> None:
+        """aiortc's SACK, cut to one packet: the lowest ``SACK_MAX_ENTRIES`` gap blocks, then duplicates that fit.
+
+        aiortc reports every gap block and duplicate, so after a burst of losses its SACK outgrows the 1,500
+        bytes its DTLS carries and is lost each time it is sent: the sender hears nothing, retransmits one chunk
+        per T3 expiry and the association goes silent (issue 8). Reporting fewer blocks is what RFC 9260 6.2
+        asks of a SACK larger than the path MTU; the lowest gaps come first because they are the chunks the
+        sender must retransmit first (in TSN order: aiortc sorts numerically, wrong across the 2**32 wrap).
+        Duplicates are informational and go last.
+        """
+        gaps: list[list[int]] = []
+        gap_next = None
+        for tsn in sorted(self._sack_misordered, key=lambda tsn: (tsn - self._last_received_tsn) % 2**32):
+            pos = (tsn - self._last_received_tsn) % 2**32
+            if tsn == gap_next:
+                gaps[-1][1] = pos
+            elif len(gaps) == SACK_MAX_ENTRIES:
+                break
+            else:
+                gaps.append([pos, pos])
+            gap_next = tsn_plus_one(tsn)
+        sack = SackChunk()
+        sack.cumulative_tsn = self._last_received_tsn
+        sack.advertised_rwnd = max(0, self._advertised_rwnd)
+        sack.gaps = [(start, end) for start, end in gaps]
+        sack.duplicates = self._sack_duplicates[: SACK_MAX_ENTRIES - len(gaps)]
+        if len(sack.duplicates) < len(self._sack_duplicates) or len(gaps) == SACK_MAX_ENTRIES:
+            logger.debug(
+                "SACK cut to one packet: %d gap blocks, %d of %d duplicates",
+                len(gaps),
+                len(sack.duplicates),
+                len(self._sack_duplicates),
+            )
+        await self._send_chunk(sack)
+        self._sack_duplicates.clear()
+        self._sack_needed = False
 
     def _sack_timer_expired(self) -> None:
         self._sack_timer = None
