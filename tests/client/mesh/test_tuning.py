@@ -467,6 +467,32 @@ async def test_a_sack_after_scattered_losses_fits_one_packet_and_reports_the_low
     assert SCTP_COMMON_HEADER_LENGTH + len(bytes(few_gaps)) <= SCTP_MAX_PACKET_LENGTH
 
 
+async def test_a_gap_is_acknowledged_at_once_even_with_delayed_sacks() -> None:
+    """Towards a tuned peer an in-order packet waits for the timer; one past a gap is acknowledged at once."""
+    sctp = TunedSctpTransport(_Dtls())
+    sctp._peer_tuned = True
+    sctp._association_state = RTCSctpTransport.State.ESTABLISHED
+    sctp._last_received_tsn = 999
+    sent: list[SackChunk] = []
+
+    async def capture(chunk: SackChunk) -> None:
+        sent.append(chunk)
+
+    sctp._send_chunk = capture
+    try:
+        for tsn in (1000, 1002):
+            chunk = DataChunk(flags=SCTP_DATA_FIRST_FRAG | SCTP_DATA_LAST_FRAG)
+            chunk.tsn, chunk.stream_id, chunk.user_data = tsn, 1, b"x"
+            await sctp._receive_data_chunk(chunk)
+            await sctp._send_sack()  # as aiortc's _handle_data does after each packet
+            if tsn == 1000:
+                assert sent == [] and sctp._sack_timer is not None
+    finally:
+        sctp._cancel_sack_timer()
+    assert len(sent) == 1
+    assert sent[0].cumulative_tsn == 1000 and sent[0].gaps == [(2, 2)]
+
+
 async def test_a_burst_of_scattered_losses_both_ways_is_recovered(pairs) -> None:
     """Every other packet of a full window lost twice over (a receive buffer overflowing under load), both ways.
 
