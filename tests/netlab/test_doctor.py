@@ -153,11 +153,11 @@ def test_doctor_says_udp_is_blocked(lab: Lab, server_tokens: tuple[str, str], tm
             "turn-relay",
             "TURN relay",
             marks=pytest.mark.xfail(
-                strict=True,
+                strict=False,
                 reason="between two symmetric NATs ICE under policy all fails only after aioice's check timeouts "
-                "(~40 s: coturn's 438 Wrong nonce on ChannelBind, notes pitfall 7); the relay-only retry that then "
-                "links (both sides relay-only since mesh/negotiation.py answers a relay-only offer in kind) comes "
-                "after the doctor's 30 s window",
+                "(coturn's 438 Wrong nonce on ChannelBind, notes pitfall 7); the relay-only retry that then links "
+                "(mesh/negotiation.py answers a relay-only offer in kind) lands inside the doctor's 30 s window on a "
+                "quiet machine (CI: passed) and after it under load",
             ),
         ),
     ],
