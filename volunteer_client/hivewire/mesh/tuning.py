@@ -18,6 +18,10 @@ peer connections created while it is active:
 6. Reassembly looks for complete messages only when a chunk can complete one (a message's last fragment,
    or one that fills a gap); aiortc rescans the stream's fragments on every chunk, ~20 µs a packet for
    262,144-byte messages.
+7. Loss recovery (issue 8): a SACK reports at most ``SACK_MAX_ENTRIES`` gap blocks and duplicates, so it fits
+   the 1,500 bytes aiortc's DTLS carries (aiortc's grows without bound and, once cut, is lost every time:
+   the link went silent); a chunk is fast retransmitted once; T3 expiry spares gap-acknowledged chunks; the
+   cumulative TSN advances in O(1) per chunk and in serial order across the 2**32 wrap.
 
 A peer is tuned when its INIT announces a receive window of at least ``RECEIVE_WINDOW_BYTES`` (aiortc
 announces 1 MiB, browsers less than 8 MiB). Towards any other peer, SACKs go out per packet and the initial
