@@ -512,3 +512,23 @@ async def test_a_burst_of_scattered_losses_both_ways_is_recovered(pairs) -> None
         assert wire.dropped > 400
         assert wire.retransmissions >= wire.dropped
         assert 0 < wire.longest_sack <= SCTP_MAX_PACKET_LENGTH
+
+
+async def test_data_in_flight_stays_under_the_flight_cap(pairs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer announces 8 MiB, but no more than MAX_FLIGHT_BYTES leave unacknowledged: an 8 MiB flight
+    overflowed the peer's UDP receive buffer and the transfer crawled through loss recovery."""
+    cap = 128 * 2**10
+    monkeypatch.setattr(tuning, "MAX_FLIGHT_BYTES", cap)
+    pair = await pairs(True, True)
+    sctp = pair.pc_a.sctp
+    highest = [0]
+    increase = sctp._flight_size_increase
+
+    def watched(chunk: DataChunk) -> None:
+        increase(chunk)
+        highest[0] = max(highest[0], sctp._flight_size)
+
+    monkeypatch.setattr(sctp, "_flight_size_increase", watched)
+    await transfer(pair.a, pair.b, os.urandom(2 * 2**20))
+    assert sctp._cwnd > cap  # the window alone would have let more out
+    assert 0 < highest[0] <= cap + aiortc.rtcsctptransport.USERDATA_MAX_LENGTH
