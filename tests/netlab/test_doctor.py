@@ -156,8 +156,8 @@ def test_doctor_says_udp_is_blocked(lab: Lab, server_tokens: tuple[str, str], tm
                 strict=False,
                 reason="between two symmetric NATs ICE under policy all fails only after aioice's check timeouts "
                 "(coturn's 438 Wrong nonce on ChannelBind, notes pitfall 7); the relay-only retry that then links "
-                "(mesh/negotiation.py answers a relay-only offer in kind) lands inside the doctor's 30 s window on a "
-                "quiet machine (CI: passed) and after it under load",
+                "(mesh/negotiation.py answers a relay-only offer in kind) sometimes lands inside the doctor's 30 s "
+                "window and sometimes after it (one clean CI run passed it, the next did not)",
             ),
         ),
     ],
