@@ -145,8 +145,6 @@ def check_transport(link: dict[str, Any], *, tuned: bool) -> None:
 def test_chromium_and_aiortc_exchange_verified_payloads_over_loopback(
     tuned: bool, isolated: None, sqlite_template: Path, tmp_path: Path
 ) -> None:
-    if tuned:
-        pytest.importorskip("hivewire.mesh.tuning", reason="the SCTP tuning module has not landed yet")
     result = run_exchange(tmp_path, sqlite_template, tuned=tuned)
     report = result["browser_report"]
     assert result["interfaces"] == ["lo"]
