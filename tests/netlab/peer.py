@@ -29,6 +29,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from hivewire.diagnostics import STUN_RETRANSMISSIONS, candidate_types, explain_ice_failure, selected_pair
 from hivewire.mesh import ControlCodec, Link, LinkError, LinkSettings, RecordSchema, build_configuration
+from hivewire.mesh.ice_timing import bound_connectivity_checks
 
 logger = logging.getLogger("netlab.peer")
 
@@ -213,7 +214,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--stun-retransmissions",
         type=int,
         default=STUN_RETRANSMISSIONS,
-        help="aioice's default of 6 (63.5 s per check) makes a failing ICE take minutes; the lab is a LAN",
+        help="for gathering (STUN, TURN): aioice's default of 6 (63.5 s per transaction) takes minutes to fail",
+    )
+    parser.add_argument(
+        "--unbounded-checks",
+        action="store_true",
+        help="leave connectivity checks at aioice's retransmissions, as the mesh did before ice_timing.py",
     )
     return parser.parse_args(argv)
 
@@ -225,6 +231,8 @@ def main(argv: list[str]) -> int:
     )
     logging.getLogger("aioice").setLevel(logging.WARNING)
     aioice.stun.RETRY_MAX = args.stun_retransmissions
+    if not args.unbounded_checks:
+        bound_connectivity_checks()  # as the mesh does: a doomed attempt fails in seconds
     result = asyncio.run(run(args))
     temporary = args.result.with_suffix(".tmp")
     temporary.write_text(json.dumps(asdict(result), indent=1))

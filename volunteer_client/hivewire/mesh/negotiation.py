@@ -19,6 +19,7 @@ from hivewire.mesh.control import ControlCodec, RecordSchema
 from hivewire.mesh.direct import DirectEndpoint
 from hivewire.mesh.errors import LinkError, MeshError
 from hivewire.mesh.ice import build_configuration
+from hivewire.mesh.ice_timing import bound_connectivity_checks
 from hivewire.mesh.link import Link, LinkSettings
 from hivewire.mesh.relay import MESH_SCHEMAS
 from hivewire.signaling.signed import VerifiedDescription, sign_description
@@ -87,6 +88,9 @@ class Negotiator:
         self._ice_servers = list(ice_servers)
         build_configuration(self._ice_servers)  # refuse a bad list now, not at the first link
         self._has_turn = any(url.startswith("turn") for url in _urls(self._ice_servers))
+        # A doomed policy-all attempt must fail in seconds, not at open_timeout_s, for the relay-only retry
+        # to come in time (ice_timing.py).
+        bound_connectivity_checks()
         self._send = send
         self._link_settings = link_settings
         self._answer_timeout_s = answer_timeout_s
