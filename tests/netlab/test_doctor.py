@@ -12,6 +12,7 @@ mesh that takes the doctor's throughput probes, until SIGTERM.
 import argparse
 import asyncio
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from tests.conftest import RUN, make_settings, new_user
 from tests.netlab.lab import PUB_IP, TURN_PORT, Lab, run, wait_for
 
 pytestmark = pytest.mark.netlab
+logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_PORT = 8000
@@ -97,6 +99,7 @@ def run_doctor(lab: Lab, label: str, token: str, home: Path, budget_s: float) ->
     )
     elapsed = time.monotonic() - started
     evidence = f"exit {done.returncode} after {elapsed:.1f} s\n{done.stdout}\n{done.stderr}"
+    logger.info("doctor in %s: exit %d after %.1f s", label, done.returncode, elapsed)
     assert elapsed < budget_s, evidence
     assert "Traceback" not in done.stderr, evidence
     return done.returncode, json.loads(done.stdout), evidence
@@ -227,6 +230,9 @@ if __name__ == "__main__":
     parser.add_argument("--token", required=True)
     parser.add_argument("--ready", type=Path, required=True)
     options = parser.parse_args()
+    # Timestamps in the live peer's log: how long each link attempt took, when a test fails.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("hivewire.mesh").setLevel(logging.INFO)
     peer_key = Ed25519PrivateKey.generate()
     peer_identity = PeerIdentity(private_key=peer_key, public_key_raw=peer_key.public_key().public_bytes_raw())
     with HivewireAPI(options.server, options.token) as api:

@@ -11,7 +11,9 @@ Who links to whom is decided here; how a link moves bytes is link.py's job. The 
   other side abandons its own offer and answers.
 * A dead link is dropped, its peer backs off, and the maintainer opens a link to another candidate. When
   ICE fails under policy ``all`` and a TURN server is configured, the offer is retried once relay-only
-  (shared/notes/webrtc-field-notes.md, note 7).
+  (shared/notes/webrtc-field-notes.md, note 7), and offers to that peer go relay-only for a while
+  (negotiation.RELAY_MEMORY_S). Connectivity checks are bounded (ice_timing.py), so a doomed attempt fails
+  within seconds rather than at the link's open_timeout_s.
 * Every task is owned and every link or peer connection is closed on every path, close() included.
 * With ``settings.direct.enabled`` the mesh listens on one TCP port and every link tries the direct TLS
   path for its bulk payloads (direct.py); a link whose peer cannot be reached that way stays on WebRTC.

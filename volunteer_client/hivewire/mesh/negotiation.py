@@ -26,6 +26,11 @@ from hivewire.signaling.signed import VerifiedDescription, sign_description
 
 logger = logging.getLogger(__name__)
 
+# After policy-all ICE with a peer failed, offers to it go relay-only this long: the NATs between us rarely
+# change sooner, and a pair that failed once for another reason (a peer gone mid-handshake) is soon back on
+# policy all, direct where it can be.
+RELAY_MEMORY_S = 300.0
+
 # send(peer, kind, payload, via): deliver a signal, trying ``via`` (the path an offer came by) first.
 SendSignal = Callable[[str, str, Mapping[str, Any], str | None], Coroutine[Any, Any, None]]
 
@@ -81,6 +86,7 @@ class Negotiator:
         answer_timeout_s: float,
         on_dead: Callable[[Link, str], None],
         schemas: Sequence[RecordSchema] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._identity = identity
         self._schemas = (*MESH_SCHEMAS, *schemas)  # each link's codec: the mesh's records and its consumers'
@@ -96,10 +102,19 @@ class Negotiator:
         self._answer_timeout_s = answer_timeout_s
         self._on_dead = on_dead
         self.relay_only_retries = 0
+        self._clock = clock
+        self._relay_since: dict[str, float] = {}  # peer -> when policy-all ICE with it last failed
         self.direct: DirectEndpoint | None = None  # set by the mesh once listening; new links then try it
 
     async def offer(self, attempt: Attempt) -> Link:
-        """Offer, apply the verified answer, open; once more relay-only if ICE failed and TURN exists."""
+        """Offer, apply the verified answer, open; once more relay-only if ICE failed and TURN exists.
+
+        A peer whose policy-all ICE failed within RELAY_MEMORY_S gets a relay-only offer straight away: the
+        NATs between us have most likely not changed, and a second doomed attempt would cost another CHECK_TIMEOUT_S.
+        """
+        if self._has_turn and self._relay_preferred(attempt.peer):
+            logger.info("offering to %s relay-only: policy all failed with it recently", attempt.peer)
+            return await self._offer(attempt, relay_only=True)
         try:
             return await self._offer(attempt, relay_only=False)
         except IceFailed as exc:
@@ -125,7 +140,7 @@ class Negotiator:
             await pc.setLocalDescription(await pc.createAnswer())
             attempt.check()
             await self._send(attempt.peer, "answer", self._sign(attempt.peer, "answer", pc), via)
-            await self._open(attempt, link)
+            await self._open(attempt, link, relay_only=relay_only)
             opened = True
             return link
         finally:
@@ -147,7 +162,7 @@ class Negotiator:
                 ) from None
             # Exactly the verified SDP: the verifier matched its fingerprints with the signed ones.
             await pc.setRemoteDescription(RTCSessionDescription(sdp=verified.sdp, type="answer"))
-            await self._open(attempt, link)
+            await self._open(attempt, link, relay_only=relay_only)
             opened = True
             return link
         finally:
@@ -173,14 +188,24 @@ class Negotiator:
             now=time.time(),
         )
 
-    async def _open(self, attempt: Attempt, link: Link) -> None:
+    async def _open(self, attempt: Attempt, link: Link, *, relay_only: bool) -> None:
         """Wait for the channels; an attempt superseded meanwhile does not hand its link over."""
         try:
             await link.wait_open()
         except LinkError as exc:
             attempt.check()
+            if not relay_only:
+                self._relay_since[attempt.peer] = self._clock()
             raise IceFailed(str(exc)) from exc
         attempt.check()
+
+    def _relay_preferred(self, peer: str) -> bool:
+        """Whether policy-all ICE with ``peer`` failed (as offerer or answerer) less than RELAY_MEMORY_S ago."""
+        failed_at = self._relay_since.get(peer)
+        if failed_at is not None and self._clock() - failed_at >= RELAY_MEMORY_S:
+            del self._relay_since[peer]
+            return False
+        return failed_at is not None
 
 
 def offers_relay_only(sdp: str) -> bool:
