@@ -7,9 +7,9 @@ did the offerer retry relay-only. That is the case between two symmetric NATs in
 an allocation as soon as it fails to send to a peer address it cannot route (the relay's first check goes
 to the peer's private host candidate: "wrote to peer -1 bytes"), every later request on it gets
 ``438 Wrong nonce`` then ``400 Bad Request`` (the sequence in shared/notes pitfall 7), and every pair through
-either relay is dead from the first 50 ms on. Measured (docs/decisions.md, "ICE check timeouts"): offer to
-open link 31-64 s before, about 9 s with the bound; cone and same-LAN pairs answer within a second and
-are not affected.
+either relay is dead from the first 50 ms on. Measured (docs/decisions.md, "ICE check timeouts"): start to
+open link 30.6 s before (64 s without the open timeout), 8.2 s with the bound; cone pairs answer within a
+second and are not affected.
 
 With ``CHECK_RETRANSMISSIONS`` = 3 a check goes out at 0, 0.5, 1.5 and 3.5 s and fails at 7.5 s: four
 sends, enough against ordinary loss, and room for the answer's signaling delay (the answerer starts
