@@ -17,6 +17,7 @@ from hivewire.coordination import (
     announce_interval_s,
     estimate_global_progress,
     measured_throughput,
+    sign_farewell,
     sign_progress,
 )
 from hivewire.identity import CertificateVerifier
@@ -205,6 +206,71 @@ async def test_stale_and_forged_records_from_a_neighbour_change_nothing(
     await eventually(lambda: sum(b.stats.refused.values()) == 2, "b refusing both records")
     assert b.stats.refused == {"stale": 1, "signature": 1}
     assert b.records() == {}
+
+
+async def test_a_farewell_drops_its_author_from_every_view_at_once(make_tracker: MakeTracker) -> None:
+    """A peer that left at a later epoch stops making the others believe they are behind, two hops away too,
+    long before its record would expire; a record it sent before leaving cannot bring it back."""
+    clock = Clock(NOW)
+    hub = GossipHub()
+    a, b, c = [await make_tracker(hub, clock=clock) for _ in range(3)]
+    hub.link(a.peer_id, b.peer_id)
+    hub.link(b.peer_id, c.peer_id)
+    for tracker in (b, c):
+        tracker.report(epoch=1, samples_accumulated=5, samples_per_second=1.0)
+    a.report(epoch=2, samples_accumulated=0, samples_per_second=1.0)
+    await eventually(lambda: a.peer_id in c.records() and b.peer_id in c.records(), "c hearing of a and b")
+    await a.close()
+    before_leaving = next(r for r in reversed(hub.peers[a.peer_id].sent) if r["type"] == "progress_v2")
+    clock.now += 1
+    assert a.farewell() == 1  # to its one neighbour, b, which passes it on to c
+    await eventually(lambda: a.peer_id not in c.records() and a.peer_id not in b.records(), "a leaving both views")
+    assert (b.stats.farewells, c.stats.farewells) == (1, 1)
+    assert c.view().peers == tuple(sorted((b.peer_id, c.peer_id))) and not c.view().behind
+    hub.peers[a.peer_id].send_control(b.peer_id, before_leaving)
+    await eventually(lambda: b.stats.duplicates >= 1, "b dropping the record a sent before its farewell")
+    assert a.peer_id not in b.records()
+
+
+async def test_a_peer_that_returns_after_its_farewell_counts_again(make_tracker: MakeTracker) -> None:
+    clock = Clock(NOW)
+    hub = GossipHub()
+    a, b = await make_tracker(hub, clock=clock), await make_tracker(hub, clock=clock)
+    hub.link(a.peer_id, b.peer_id)
+    a.report(epoch=1, samples_accumulated=1, samples_per_second=1.0)
+    await eventually(lambda: a.peer_id in b.records(), "b hearing of a")
+    await a.close()
+    a.farewell()
+    await eventually(lambda: a.peer_id not in b.records(), "b dropping a")
+    clock.now += 1
+    await a.start()  # the same peer key joins again: its next record is newer than its farewell
+    a.report(epoch=1, samples_accumulated=2, samples_per_second=1.0)
+    await eventually(lambda: a.peer_id in b.records(), "b hearing of a again")
+
+
+async def test_forged_and_stale_farewells_change_nothing(
+    make_tracker: MakeTracker, make_member: Callable[..., Member]
+) -> None:
+    clock = Clock(NOW)
+    hub = GossipHub()
+    a, b = await make_tracker(hub, clock=clock), await make_tracker(hub, clock=clock)
+    hostile = make_member()
+    transport = hub.join(hostile.peer_id)
+    hub.link(a.peer_id, b.peer_id)
+    hub.link(hostile.peer_id, b.peer_id)
+    a.report(epoch=1, samples_accumulated=1, samples_per_second=1.0)
+    await eventually(lambda: a.peer_id in b.records(), "b hearing of a")
+    in_the_name_of_a = sign_farewell(hostile.identity, hostile.certificate, run=RUN, time=NOW + 1, ttl=0)
+    in_the_name_of_a["peer_id"] = a.peer_id  # signed by the hostile key, with the hostile certificate
+    tampered = sign_farewell(hostile.identity, hostile.certificate, run=RUN, time=NOW + 1, ttl=0)
+    tampered["time"] = NOW + 2.0
+    stale = sign_farewell(hostile.identity, hostile.certificate, run=RUN, time=NOW - 61, ttl=0)
+    other_run = sign_farewell(hostile.identity, hostile.certificate, run="another-run", time=NOW + 1, ttl=0)
+    for bad in (in_the_name_of_a, tampered, stale, other_run):
+        transport.send_control(b.peer_id, bad)
+    await eventually(lambda: sum(b.stats.refused.values()) == 4, "b refusing every farewell")
+    assert b.stats.refused == {"certificate": 1, "signature": 2, "stale": 1}
+    assert a.peer_id in b.records() and b.stats.farewells == 0
 
 
 async def test_trackers_agree_when_the_target_is_reached(make_tracker: MakeTracker) -> None:

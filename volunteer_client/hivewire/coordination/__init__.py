@@ -13,9 +13,11 @@ from hivewire.coordination.progress import (
 )
 from hivewire.coordination.records import (
     COORDINATION_SCHEMAS,
+    Farewell,
     Progress,
     ProgressVerifier,
     round_id,
+    sign_farewell,
     sign_progress,
 )
 from hivewire.coordination.transport import GossipTransport, RecordHandler, measured_throughput
@@ -23,6 +25,7 @@ from hivewire.coordination.transport import GossipTransport, RecordHandler, meas
 __all__ = [
     "COORDINATION_SCHEMAS",
     "CoordinationError",
+    "Farewell",
     "GlobalProgress",
     "GossipTransport",
     "Group",
@@ -43,5 +46,6 @@ __all__ = [
     "measured_throughput",
     "part_weights",
     "round_id",
+    "sign_farewell",
     "sign_progress",
 ]

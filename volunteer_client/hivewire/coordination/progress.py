@@ -7,7 +7,9 @@ Each peer announces its own signed record to its neighbours with ``ttl = gossip_
 accepts it passes it on with ``ttl - 1`` while the ttl is above 0, so it reaches peers up to ``gossip_hops``
 links away. A record no newer than the one held for its author (same or older ``time``) is a duplicate
 and goes no further. Records are checked (records.py) before they count, and a peer unheard for
-``record_expiration_s`` drops out of the view.
+``record_expiration_s`` drops out of the view. A peer that leaves says so (``farewell()``): its signed
+farewell travels the same way and drops it from every view at once; its older records, still in flight,
+no longer count.
 
 The view (``GlobalProgress``) follows hivemind's ProgressTracker: the run's epoch, the samples accumulated
 towards ``target_batch_size`` in it, extrapolated by each peer's throughput since its record, and the time
@@ -32,6 +34,7 @@ from hivewire.coordination.records import (
     PROGRESS_TYPES,
     Progress,
     ProgressVerifier,
+    sign_farewell,
     sign_progress,
 )
 from hivewire.coordination.transport import GossipTransport, measured_throughput
@@ -155,6 +158,7 @@ class ProgressStats:
     duplicates: int = 0  # records no newer than the one held for their author (dropped, not forwarded)
     forwarded: int = 0  # records re-gossiped, counted per neighbour
     expired: int = 0  # peers dropped from the view after record_expiration_s of silence
+    farewells: int = 0  # peers dropped from the view because they said they left
     dropped: int = 0  # records dropped unchecked because the inbox was full
     refused: Counter[str] = field(default_factory=Counter)  # by check: schema, time, stale, certificate, ...
 
@@ -195,12 +199,13 @@ class ProgressTracker:
         )
         self._local = Progress(self.peer_id, 0, 0, 0.0, clock())
         self._records: dict[str, Progress] = {}
+        self._departed: dict[str, float] = {}  # peer -> the time of its farewell; its records up to then are void
         self._announced_at = -math.inf  # the time of our last announced record
         self._inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=settings.inbox_records)
         self._announce_now = asyncio.Event()
         self._changed = asyncio.Event()  # replaced by a fresh one on every change; waiters hold the old one
         self._tasks: set[asyncio.Task[None]] = set()
-        transport.on_records(PROGRESS_TYPES, self._on_record)
+        transport.on_records((*PROGRESS_TYPES, "farewell"), self._on_record)
 
     async def start(self) -> None:
         """Start announcing our record and checking received ones."""
@@ -216,6 +221,15 @@ class ProgressTracker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def farewell(self) -> int:
+        """Tell the neighbours (and, by gossip, their neighbours) that we left; call after close(), so no
+        announcement follows it. The neighbours it went to, counted (best effort: records expire anyway)."""
+        at = max(self._clock(), math.nextafter(self._announced_at, math.inf))  # newer than our last record
+        record = sign_farewell(
+            self._identity, self._certificate(), run=self._run, time=at, ttl=self.settings.gossip_hops - 1
+        )
+        return sum(self._send(peer, record) for peer in self._transport.neighbours)
 
     @property
     def local(self) -> Progress:
@@ -246,6 +260,8 @@ class ProgressTracker:
             del self._records[peer]
             self.stats.expired += 1
             logger.info("%s dropped out of the progress view: silent for %s s", peer, self.settings.record_expiration_s)
+        for peer in [peer for peer, at in self._departed.items() if at < cutoff]:
+            del self._departed[peer]  # records from before its farewell are refused as stale by now
         return dict(self._records)
 
     def view(self) -> GlobalProgress:
@@ -288,9 +304,16 @@ class ProgressTracker:
 
     async def _accept(self, sender: str, record: dict[str, Any]) -> None:
         """Check a record and, when it is news, take it into the view and pass it on."""
+        if record.get("type") == "farewell":
+            await self._accept_farewell(sender, record)
+            return
         claimed = self._verifier.check_schema(record)
         known = self._records.get(claimed.peer_id)
-        if claimed.peer_id == self.peer_id or (known is not None and claimed.time <= known.time):
+        if (
+            claimed.peer_id == self.peer_id
+            or (known is not None and claimed.time <= known.time)
+            or claimed.time <= self._departed.get(claimed.peer_id, -math.inf)  # sent before it left
+        ):
             self.stats.duplicates += 1
             return
         if known is None and len(self.records()) >= self.settings.max_peers:
@@ -299,10 +322,35 @@ class ProgressTracker:
         self._records[progress.peer_id] = progress
         self.stats.accepted += 1
         self._notify()
+        self._forward(sender, progress.peer_id, record)
+
+    async def _accept_farewell(self, sender: str, record: dict[str, Any]) -> None:
+        """A peer left: once its farewell checks out, drop it from the view now rather than when it expires."""
+        claimed = self._verifier.check_farewell_schema(record)
+        known = self._records.get(claimed.peer_id)
+        if (
+            claimed.peer_id == self.peer_id
+            or claimed.time <= self._departed.get(claimed.peer_id, -math.inf)
+            or (known is not None and claimed.time < known.time)  # it came back since
+        ):
+            self.stats.duplicates += 1
+            return
+        if claimed.peer_id not in self._departed and len(self._departed) >= self.settings.max_peers:
+            raise RecordRefused("capacity", f"already holding max_peers={self.settings.max_peers} farewells")
+        farewell = await self._verifier.verify_farewell(record)
+        self._records.pop(farewell.peer_id, None)
+        self._departed[farewell.peer_id] = farewell.time
+        self.stats.farewells += 1
+        logger.info("%s left the run: dropped from the progress view", farewell.peer_id)
+        self._notify()
+        self._forward(sender, farewell.peer_id, record)
+
+    def _forward(self, sender: str, author: str, record: dict[str, Any]) -> None:
+        """Pass an accepted record on with one hop less, to neighbours other than its sender and author."""
         if record["ttl"] > 0:
             forwarded = {**record, "ttl": record["ttl"] - 1}
             for peer in self._transport.neighbours:
-                if peer not in (sender, progress.peer_id) and self._send(peer, forwarded):
+                if peer not in (sender, author) and self._send(peer, forwarded):
                     self.stats.forwarded += 1
 
     async def _announce(self) -> None:

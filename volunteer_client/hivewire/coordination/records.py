@@ -10,6 +10,10 @@ measured link throughput to ``progress`` (v1), which is still accepted, with the
 mesh's control codec takes exact field sets, so the new field comes as a new record type rather than an
 optional field: older clients drop v2 records as an unknown type, newer ones read both.
 
+A ``farewell`` is the author's signed "I left the run at ``time``", gossiped like progress: receivers drop
+the author from their view at once instead of after ``record_expiration_s`` of silence, so a peer that left
+at a later epoch stops making the others think they are behind (and stops being asked for its state).
+
 A matchmaking proposal (and its acknowledgement) only ever crosses one direct link between two group members,
 whose DTLS handshake already pinned the sender's certificate; it is not signed.
 """
@@ -34,6 +38,7 @@ from hivewire.mesh import ControlCodec, ControlRecordError, RecordSchema
 
 PROGRESS_DOMAIN = "hivewire-progress-v1"
 PROGRESS_V2_DOMAIN = "hivewire-progress-v2"
+FAREWELL_DOMAIN = "hivewire-farewell-v1"
 ROUND_DOMAIN = "hivewire-round-v1"
 MAX_EPOCH = 2**40
 MAX_SAMPLES = 2**53  # integers beyond this stop being exact as floats in the estimates
@@ -68,6 +73,18 @@ def _check_progress(record: Mapping[str, Any]) -> None:
     param_hash = record["param_hash"]
     if param_hash is not None and not _PARAM_HASH.fullmatch(param_hash):
         raise ControlRecordError(f"{record['type']}.param_hash: expected 16 to 128 lowercase hex digits or nil")
+    _check_signed(record)
+
+
+def _check_farewell(record: Mapping[str, Any]) -> None:
+    if not PEER_ID.fullmatch(record["peer_id"]):
+        raise ControlRecordError(f"farewell.peer_id: {record['peer_id'][:40]!r} is not a peer id")
+    _in_range(record, "time", 0.0, MAX_TIME)
+    _in_range(record, "ttl", 0, MAX_GOSSIP_TTL)
+    _check_signed(record)
+
+
+def _check_signed(record: Mapping[str, Any]) -> None:
     certificate = record["certificate"]
     if not 0 < len(certificate) <= MAX_CERTIFICATE_BYTES or not certificate.isascii():
         raise ControlRecordError(f"{record['type']}.certificate: expected 1..{MAX_CERTIFICATE_BYTES} ASCII characters")
@@ -113,6 +130,11 @@ _PROGRESS_FIELDS: dict[str, type | tuple[type, ...]] = {
 PROGRESS = RecordSchema("progress", _PROGRESS_FIELDS, _check_progress)  # v1: accepted, no longer sent
 PROGRESS_V2 = RecordSchema("progress_v2", {**_PROGRESS_FIELDS, "link_throughput": float}, _check_progress)
 PROGRESS_TYPES = ("progress", "progress_v2")
+FAREWELL = RecordSchema(
+    "farewell",
+    {"peer_id": str, "time": float, "certificate": str, "signature": bytes, "ttl": int},
+    _check_farewell,
+)
 PROPOSAL = RecordSchema(
     "match_propose",
     {"round_id": str, "epoch": int, "attempt": int, "members": list, "throughput": float},
@@ -121,7 +143,7 @@ PROPOSAL = RecordSchema(
 # "I am alive and have your proposal": sent by a member that has not proposed this (epoch, attempt) to the sender.
 ACK = RecordSchema("match_ack", {"round_id": str, "epoch": int, "attempt": int}, _check_ack)
 # Register these in the mesh's ControlCodec so links accept them.
-COORDINATION_SCHEMAS = (PROGRESS, PROGRESS_V2, PROPOSAL, ACK)
+COORDINATION_SCHEMAS = (PROGRESS, PROGRESS_V2, FAREWELL, PROPOSAL, ACK)
 
 
 def round_id(epoch: int, members: Iterable[str], attempt: int) -> str:
@@ -181,6 +203,31 @@ def sign_progress(
     }
 
 
+@dataclass(frozen=True)
+class Farewell:
+    """A peer's word that it left the run at ``time`` (its clock)."""
+
+    peer_id: str
+    time: float
+
+
+def _farewell_canonical(run: str, farewell: Farewell) -> bytes:
+    return "\n".join((FAREWELL_DOMAIN, run, farewell.peer_id, repr(float(farewell.time)))).encode("utf-8")
+
+
+def sign_farewell(identity: PeerIdentity, certificate_token: str, *, run: str, time: float, ttl: int) -> dict[str, Any]:
+    """The wire record saying we left ``run`` at ``time``, signed with our peer key, to travel ``ttl`` more hops."""
+    farewell = Farewell(identity.peer_id, float(time))
+    return {
+        "type": "farewell",
+        "peer_id": farewell.peer_id,
+        "time": farewell.time,
+        "certificate": certificate_token,
+        "signature": identity.private_key.sign(_farewell_canonical(run, farewell)),
+        "ttl": ttl,
+    }
+
+
 class ProgressVerifier:
     """Checks progress records of ``run``: schema, time window, certificate (cached per peer), signature.
 
@@ -208,12 +255,28 @@ class ProgressVerifier:
         self._codec = ControlCodec(COORDINATION_SCHEMAS)
         self._verified: dict[str, PeerCertificate] = {}  # peer id -> its last verified certificate
 
-    def check_schema(self, record: Any) -> Progress:
-        """The record's numbers once its shape, sizes and ranges passed; RecordRefused("schema") otherwise."""
+    def _validate(self, record: Any) -> None:
         try:
             self._codec.validate(record)
         except ControlRecordError as exc:
             raise RecordRefused("schema", str(exc)) from exc
+
+    def check_farewell_schema(self, record: Any) -> Farewell:
+        """A farewell's author and time once its shape passed; RecordRefused("schema") otherwise."""
+        self._validate(record)
+        if record["type"] != "farewell":
+            raise RecordRefused("schema", f"expected a farewell record, got {record['type']!r}")
+        return Farewell(record["peer_id"], record["time"])
+
+    async def verify_farewell(self, record: Any) -> Farewell:
+        """Every check of a farewell, as of a progress record: schema, time window, certificate, signature."""
+        farewell = self.check_farewell_schema(record)
+        await self._check_signed(record, farewell.peer_id, farewell.time, _farewell_canonical(self._run, farewell))
+        return farewell
+
+    def check_schema(self, record: Any) -> Progress:
+        """The record's numbers once its shape, sizes and ranges passed; RecordRefused("schema") otherwise."""
+        self._validate(record)
         if record["type"] not in PROGRESS_TYPES:
             raise RecordRefused("schema", f"expected a progress record, got {record['type']!r}")
         return Progress(
@@ -229,28 +292,30 @@ class ProgressVerifier:
     async def verify(self, record: Any) -> Progress:
         """Every check, cheapest first; RecordRefused names the first that fails."""
         progress = self.check_schema(record)
+        version = 2 if record["type"] == "progress_v2" else 1
+        await self._check_signed(
+            record, progress.peer_id, progress.time, _canonical(self._run, progress, version=version)
+        )
+        return progress
+
+    async def _check_signed(self, record: Any, peer_id: str, at: float, signed: bytes) -> None:
+        """The time window, the author's certificate and its signature over ``signed``, in that order."""
         now = self._clock()
-        if progress.time > now + self._max_future_s:
+        if at > now + self._max_future_s:
             raise RecordRefused(
                 "time",
-                f"{progress.peer_id} dated its record {progress.time - now:.1f} s ahead of our clock; "
+                f"{peer_id} dated its record {at - now:.1f} s ahead of our clock; "
                 f"allowed {self._max_future_s} s (check both clocks if this repeats)",
             )
-        if progress.time < now - self._max_age_s:
-            raise RecordRefused(
-                "stale", f"{progress.peer_id}'s record is {now - progress.time:.1f} s old; max_age_s={self._max_age_s}"
-            )
-        certificate = await self._certificate(progress.peer_id, record["certificate"], now)
+        if at < now - self._max_age_s:
+            raise RecordRefused("stale", f"{peer_id}'s record is {now - at:.1f} s old; max_age_s={self._max_age_s}")
+        certificate = await self._certificate(peer_id, record["certificate"], now)
         try:
-            Ed25519PublicKey.from_public_bytes(certificate.peer_key).verify(
-                record["signature"],
-                _canonical(self._run, progress, version=2 if record["type"] == "progress_v2" else 1),
-            )
+            Ed25519PublicKey.from_public_bytes(certificate.peer_key).verify(record["signature"], signed)
         except InvalidSignature as exc:
             raise RecordRefused(
-                "signature", f"the record of {progress.peer_id} does not verify with its certificate's key"
+                "signature", f"the record of {peer_id} does not verify with its certificate's key"
             ) from exc
-        return progress
 
     async def _certificate(self, peer_id: str, token: str, now: float) -> PeerCertificate:
         """The certificate of ``peer_id``: the cached one if ``token`` is it and still valid, else verified anew."""

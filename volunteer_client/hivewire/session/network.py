@@ -184,8 +184,12 @@ class NetworkSide:
             for task in [*self._tasks, *self._receipt_tasks]:
                 task.cancel()
             await asyncio.gather(*self._tasks, *self._receipt_tasks, return_exceptions=True)
-            await self._linger()
             await self.tracker.close()
+            # Before the linger, which gives the record time to leave: peers drop us from their view now, not
+            # after record_expiration_s, and do not wait for us, or download from us, at an epoch we reached.
+            told = self.tracker.farewell()
+            logger.info("said farewell to %d neighbour(s)", told)
+            await self._linger()
             await self.states.close()
             await self.mesh.close()
             certificates.close()
