@@ -85,10 +85,16 @@ class Volunteer:
             self.process.kill()
             self.process.wait()
             self._reader.join()
+            self._keep_output()
             pytest.fail(f"{self.name} did not exit within {timeout_s} s:\n{self.output[-4000:]}")
         self._reader.join()
-        (self.home / "output.log").write_text(self.output)  # the whole of it, for a failure's post-mortem
+        self._keep_output()
         return self.process.returncode
+
+    def _keep_output(self) -> None:
+        """The whole output in the volunteer's home, for a failure's post-mortem (the message shows its end)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "output.log").write_text(self.output)
 
 
 class Volunteers:
