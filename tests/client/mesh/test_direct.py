@@ -213,10 +213,10 @@ async def test_a_stream_killed_mid_transfer_loses_and_duplicates_nothing(direct_
     sending = asyncio.create_task(exchange(a, b, payloads))
     await until(lambda: receiving.frames_received >= 5)  # inside the 6 MiB payload (24 frames)
     # The receiver stops reading, so the sender surely has unreleased payloads in flight when it dies.
-    receiving._writer.transport.pause_reading()  # stands for a stalled network
+    receiving.transport.pause_reading()  # stands for a stalled network
     killed.abort("killed by the test")
     if killer == "sender":
-        receiving._writer.transport.resume_reading()  # the network comes back: the receiver sees the reset
+        receiving.transport.resume_reading()  # the network comes back: the receiver sees the reset
     received = await sending
     assert [payload_id for payload_id, _ in received] == [1, 2, 3, 4]
     assert [bytes(data) for _, data in received] == payloads
@@ -248,7 +248,7 @@ async def test_hostile_frames_on_the_stream_are_refused_like_on_the_channel(dire
     assert b.path == PATH_DIRECT, "a refused frame leaves the stream up, as on the data channel"
     await until(lambda: a.stats.records_refused == 1)  # B's bulk_refused for 51, which A never sent
     # A length the receiver cannot accept cannot be skipped: the stream is closed, the link goes on.
-    stream._writer.write(LENGTH.pack(b.settings.framing.max_frame_bytes + 1))  # raw hostile bytes
+    stream.transport.write(LENGTH.pack(b.settings.framing.max_frame_bytes + 1))  # raw hostile bytes
     await until(lambda: b.path == PATH_WEBRTC and a.path == PATH_WEBRTC)
     payload = os.urandom(500_000)
     assert await exchange(a, b, [payload]) == [(1, bytearray(payload))]

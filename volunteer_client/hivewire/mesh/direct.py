@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aioice.ice
 from aiortc import RTCPeerConnection
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from hivewire.mesh.control import MAX_DIRECT_ADDRESSES
 from hivewire.mesh.errors import LinkError
-from hivewire.mesh.framing import HEADER
+from hivewire.mesh.framing import FRAMING_VERSION, HEADER, KIND_CHUNK
 from hivewire.signaling.signed import fingerprints_from_sdp
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,8 @@ PREAMBLE = struct.Struct(f"!4s{TOKEN_BYTES}s")
 ACK = b"\x01"  # the listener's answer to a preamble it recognised: start TLS now
 READY = b"\x02"  # sent by the listener inside TLS once it verified the dialer: the stream is usable
 LENGTH = struct.Struct("!I")
-# asyncio's StreamReader pauses the socket above twice its limit (64 KiB by default): room for a few whole
-# frames instead, so reading a 256 KiB frame does not stop and restart the socket several times.
-STREAM_LIMIT_BYTES = 2**20
+MAX_EARLY_BYTES = 2**20  # bytes a stream holds between its TLS handshake and its verification; more: closed
+_EARLY_CHUNK_BYTES = 2**12
 MAX_PENDING_CONNECTIONS = 64  # incoming connections still in their preamble or handshake; more are reset
 _LOGGED_REFUSALS = 10
 _HASHES = {"sha-256": hashes.SHA256(), "sha-384": hashes.SHA384(), "sha-512": hashes.SHA512()}
@@ -158,17 +157,168 @@ def _load_chain(context: ssl.SSLContext, own: RTCCertificate) -> None:
         context.load_cert_chain(path)
 
 
-class DirectStream:
-    """One established, verified TLS stream to a peer: framed writes, and a reader task feeding frames.
+# What a stream's chunk callbacks do: ``on_chunk(stream, payload_id, offset, size)`` returns the view of the
+# payload's buffer the chunk's body is read into, or None to get the whole frame through ``on_frame``;
+# ``on_chunk_filled(stream, payload_id, offset, view)`` follows once the view holds it.
+ChunkTarget = Callable[["DirectStream", int, int, int], memoryview | None]
+ChunkFilled = Callable[["DirectStream", int, int, memoryview], None]
 
-    ``on_frame`` gets each frame (bytes); ``on_closed`` gets the reason once, whichever side ended it.
-    A length outside ``HEADER.size..max_frame_bytes`` cannot be resynchronised: the stream is closed.
+
+class _StreamProtocol(asyncio.BufferedProtocol):
+    """The TLS transport's protocol: reads frames into buffers it names (no intermediate copies) and tells
+    its stream when the transport may be written to.
+
+    Until the handshake is verified and a stream attached, what arrives is only held, unparsed (at most
+    ``MAX_EARLY_BYTES``; more ends the stream on attachment); on the dialing side its first byte must be
+    the listener's READY (``ready``). Then each frame is read as its 4-byte length and 20-byte header into
+    a small buffer, and its body either straight into the payload's buffer (a CHUNK the decoder expects,
+    ``on_chunk``) or into a frame buffer of ``max_frame_bytes``, handed over whole (``on_frame``): START
+    frames, and anything unexpected, which the decoder then refuses exactly as on the data channel.
+    """
+
+    def __init__(self, *, expect_ready: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()  # the READY byte came (dialing side)
+        self.ready.add_done_callback(lambda done: done.cancelled() or done.exception())  # awaited or not
+        self.lost: asyncio.Future[None] = loop.create_future()  # connection_lost was called
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._expect_ready = expect_ready
+        self._stream: DirectStream | None = None
+        # The plain connection's StreamWriter: garbage-collected, it would close the socket under TLS.
+        self.plain_writer: asyncio.StreamWriter | None = None
+        self._held = bytearray(_EARLY_CHUNK_BYTES)  # what came before attach(), unparsed
+        self._held_bytes = 0
+        self._held_too_much = False
+        self._prefix = bytearray(LENGTH.size + HEADER.size)
+        self._frame = bytearray(0)  # sized when a stream is attached
+        self._target: memoryview = memoryview(self._held)  # the buffer being filled
+        self._filled = 0
+        self._state = "early"  # early, prefix, chunk (into a payload) or frame (whole frame buffer)
+        self._chunk: tuple[int, int] = (0, 0)  # payload id and offset of the chunk being read
+        self._frame_size = 0
+
+    def attach(self, stream: "DirectStream", max_frame_bytes: int) -> None:
+        """Start reading frames for ``stream``; what was held is read first, as if it arrived now."""
+        self._stream = stream
+        self._frame = bytearray(max_frame_bytes)
+        self._expect(memoryview(self._prefix), "prefix")
+        if self._held_too_much:
+            stream.abort(f"more than {MAX_EARLY_BYTES} bytes arrived before the stream was verified")
+            return
+        held = memoryview(self._held)[int(self._expect_ready) : self._held_bytes]
+        self._held = bytearray(0)
+        while held and stream.closed_reason is None:
+            buffer = self.get_buffer(len(held))
+            size = min(len(buffer), len(held))
+            buffer[:size] = held[:size]
+            held = held[size:]
+            self.buffer_updated(size)
+
+    def _expect(self, target: memoryview, state: str) -> None:
+        self._target, self._filled, self._state = target, 0, state
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._stream is None:
+            if self._held_bytes == len(self._held):
+                if len(self._held) >= MAX_EARLY_BYTES:
+                    self._held_too_much = True
+                    return memoryview(bytearray(_EARLY_CHUNK_BYTES))  # dropped: the stream will not be used
+                self._held.extend(bytes(min(len(self._held), MAX_EARLY_BYTES - len(self._held))))
+            return memoryview(self._held)[self._held_bytes :]
+        return self._target[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        stream = self._stream
+        if stream is None:
+            if not self._held_too_much:
+                self._held_bytes += nbytes
+            if self._expect_ready and not self.ready.done() and self._held_bytes:
+                if self._held[0] == READY[0]:
+                    self.ready.set_result(None)
+                else:
+                    self.ready.set_exception(ConnectionError("the listener did not confirm the TLS session"))
+            return
+        self._filled += nbytes
+        if self._state == "prefix" and self._filled >= LENGTH.size and not self._length_ok(stream):
+            return  # refused as soon as its 4 bytes are in, the header need not follow
+        if self._filled < len(self._target) or stream.closed_reason is not None:
+            return
+        if self._state == "prefix":
+            self._prefix_done(stream)
+        elif self._state == "chunk":
+            target = self._target
+            self._expect(memoryview(self._prefix), "prefix")
+            payload_id, offset = self._chunk
+            stream.frame_done()
+            stream.on_chunk_filled(stream, payload_id, offset, target)
+        else:
+            frame = bytes(memoryview(self._frame)[: self._frame_size])
+            self._expect(memoryview(self._prefix), "prefix")
+            stream.frame_done()
+            stream.on_frame(stream, frame)
+
+    def _length_ok(self, stream: "DirectStream") -> bool:
+        (size,) = LENGTH.unpack_from(self._prefix)
+        if HEADER.size <= size <= stream.max_frame_bytes:
+            return True
+        stream.abort(f"refused a frame length of {size} bytes, expected {HEADER.size}..{stream.max_frame_bytes}")
+        return False
+
+    def _prefix_done(self, stream: "DirectStream") -> None:
+        (size,) = LENGTH.unpack_from(self._prefix)
+        version, kind, reserved, payload_id, value = HEADER.unpack_from(self._prefix, LENGTH.size)
+        body = size - HEADER.size
+        if kind == KIND_CHUNK and version == FRAMING_VERSION and reserved == 0 and body > 0:
+            target = stream.on_chunk(stream, payload_id, value, body)
+            if target is not None:
+                self._chunk = (payload_id, value)
+                self._expect(target, "chunk")
+                return
+        frame = memoryview(self._frame)
+        frame[: HEADER.size] = memoryview(self._prefix)[LENGTH.size :]
+        self._frame_size = size
+        self._expect(frame[HEADER.size : size], "frame")
+        if body == 0:
+            self.buffer_updated(0)
+
+    def eof_received(self) -> bool | None:
+        if self._stream is not None:
+            self._stream.abort("the peer closed the stream")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection lost before READY: {exc}"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._stream is not None:
+            if exc is None:
+                self._stream.abort("the peer closed the stream")
+            else:
+                self._stream.abort(f"read failed: {type(exc).__name__}: {exc}")
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class DirectStream:
+    """One established, verified TLS stream to a peer: framed writes, and frames read as they arrive.
+
+    ``on_frame`` gets each whole frame (bytes); ``on_chunk`` may instead name where a CHUNK's body goes
+    (``on_chunk_filled`` follows), so that bulk bytes are decrypted straight into the payload's buffer;
+    ``on_closed`` gets the reason once, whichever side ended it. A length outside
+    ``HEADER.size..max_frame_bytes`` cannot be resynchronised: the stream is closed.
     """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
+        protocol: _StreamProtocol,
         *,
         peer: str,
         max_frame_bytes: int,
@@ -176,42 +326,67 @@ class DirectStream:
         on_frame: Callable[["DirectStream", bytes], None],
         on_closed: Callable[["DirectStream", str], None],
         stall_timeout_s: float,
+        on_chunk: ChunkTarget | None = None,
+        on_chunk_filled: ChunkFilled | None = None,
     ) -> None:
         self.peer = peer
         self.closed_reason: str | None = None
         self.frames_received = 0
-        self._reader = reader
-        self._writer = writer
-        self._max_frame_bytes = max_frame_bytes
-        self._on_frame = on_frame
+        self.transport = transport  # the TLS transport (for tests and diagnostics: pause_reading, raw bytes)
+        self.max_frame_bytes = max_frame_bytes
+        self.on_frame = on_frame
+        self.on_chunk: ChunkTarget = on_chunk or (lambda *_: None)
+        self.on_chunk_filled: ChunkFilled = on_chunk_filled or (lambda *_: None)
+        self._protocol = protocol
         self._on_closed = on_closed
         self._stall_timeout_s = stall_timeout_s
-        writer.transport.set_write_buffer_limits(high=write_buffer_bytes)
-        self._reading = asyncio.get_running_loop().create_task(self._read(), name=f"hivewire-direct-{peer}")
+        transport.set_write_buffer_limits(high=write_buffer_bytes)
+        protocol.attach(self, max_frame_bytes)
 
     @property
     def closed(self) -> bool:
         return self.closed_reason is not None
 
+    def frame_done(self) -> None:
+        self.frames_received += 1
+
     async def send_frames(self, frames: Iterable[bytes]) -> None:
-        """Write frames, each with its length, waiting while the socket buffer is full; LinkError if it dies."""
-        for frame in frames:
+        """Write whole frames, each with its length (for tests: any bytes, as a hostile peer would)."""
+        await self.send_parts((frame, memoryview(b"")) for frame in frames)
+
+    async def send_parts(self, parts: Iterable[tuple[bytes, memoryview]]) -> None:
+        """Write frames given as (head, body) (framing.frame_parts), each with its length, the body from the
+        caller's buffer without a copy; wait only while the socket buffer is full; LinkError if it dies.
+
+        The body must not change until the peer released its payload (it may be read again to resend).
+        """
+        transport = self.transport
+        writable = self._protocol.writable
+        for head, body in parts:
             if self.closed_reason is not None:
                 raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}")
-            self._writer.write(LENGTH.pack(len(frame)))
-            self._writer.write(frame)
+            prefix = LENGTH.pack(len(head) + len(body)) + head
             try:
-                async with asyncio.timeout(self._stall_timeout_s):
-                    await self._writer.drain()
-            except TimeoutError as exc:
-                self.abort(f"no write progress for stall_timeout_s={self._stall_timeout_s}")
-                raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
+                if body:
+                    transport.writelines((prefix, body))
+                else:
+                    transport.write(prefix)
             except (ConnectionError, OSError, RuntimeError) as exc:
                 self.abort(f"write failed: {type(exc).__name__}: {exc}")
                 raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
+            if writable.is_set():
+                continue
+            try:
+                async with asyncio.timeout(self._stall_timeout_s):
+                    await writable.wait()
+            except TimeoutError as exc:
+                self.abort(f"no write progress for stall_timeout_s={self._stall_timeout_s}")
+                raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}") from exc
+        if self.closed_reason is not None:
+            raise LinkError(f"direct stream to {self.peer} closed: {self.closed_reason}")
 
     def abort(self, reason: str, *, reset: bool = True) -> None:
-        """Close now (the reader task ends too) and report ``reason`` once.
+        """Close now (nothing more is read) and report ``reason`` once.
 
         By default with a reset that drops what is queued: after a fault the peer must not take a half-sent
         tail for a clean end, and whatever was queued goes again over the data channel anyway.
@@ -219,37 +394,20 @@ class DirectStream:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
-        sock = self._writer.get_extra_info("socket")
+        sock = self.transport.get_extra_info("socket")
         if reset and sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self._writer.transport.abort()
-        if self._reading is not asyncio.current_task():
-            self._reading.cancel()
+        self.transport.abort()
+        self._protocol.writable.set()  # a sender waiting for room sees the close
         self._on_closed(self, reason)
 
     async def close(self, reason: str = "closed locally") -> None:
-        """End the stream without a reset (the link is closing on purpose) and wait for the reader task."""
+        """End the stream without a reset (the link is closing on purpose) and wait until the transport is gone."""
         self.abort(reason, reset=False)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reading
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                (size,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
-                if not HEADER.size <= size <= self._max_frame_bytes:
-                    self.abort(
-                        f"refused a frame length of {size} bytes, expected {HEADER.size}..{self._max_frame_bytes}"
-                    )
-                    return
-                frame = await self._reader.readexactly(size)
-                self.frames_received += 1
-                self._on_frame(self, frame)
-        except asyncio.IncompleteReadError:
-            self.abort("the peer closed the stream")
-        except (ConnectionError, OSError, ssl.SSLError) as exc:
-            self.abort(f"read failed: {type(exc).__name__}: {exc}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.shield(self._protocol.lost)
 
 
 class DirectEndpoint:
@@ -288,9 +446,7 @@ class DirectEndpoint:
         ports = range(settings.port_min, settings.port_max + 1)
         for port in ports:
             try:
-                return await asyncio.start_server(
-                    self._accept, host, port, reuse_address=True, limit=STREAM_LIMIT_BYTES
-                )
+                return await asyncio.start_server(self._accept, host, port, reuse_address=True)
             except OSError as exc:
                 last = exc
         logger.warning("direct TLS path: cannot listen on %s ports %d..%d: %s", host, ports[0], ports[-1], last)
@@ -365,6 +521,8 @@ class DirectSession:
         on_stream: Callable[[DirectStream], None],
         on_frame: Callable[[DirectStream, bytes], None],
         on_closed: Callable[[DirectStream, str], None],
+        on_chunk: ChunkTarget | None = None,
+        on_chunk_filled: ChunkFilled | None = None,
     ) -> None:
         self.peer = peer
         self.streams = 0  # direct streams this link has had (a redial after a drop counts again)
@@ -375,6 +533,8 @@ class DirectSession:
         self._send_control = send_control
         self._on_stream = on_stream
         self._on_frame = on_frame
+        self._on_chunk = on_chunk
+        self._on_chunk_filled = on_chunk_filled
         self._on_closed = on_closed
         self._own = local_certificate(pc)
         remote = pc.remoteDescription
@@ -491,36 +651,43 @@ class DirectSession:
         assert self._peer_token is not None
         assert self._peer_cert is not None
         settings = self._settings
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(settings.connect_timeout_s):
-            reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT_BYTES)
+            reader, writer = await asyncio.open_connection(host, port)
+        transport: asyncio.BaseTransport = writer.transport
         try:
             async with asyncio.timeout(settings.handshake_timeout_s):
                 writer.write(PREAMBLE.pack(MAGIC, self._peer_token))
                 if await reader.readexactly(1) != ACK:
                     raise ConnectionError("the listener did not acknowledge the preamble")
-                await writer.start_tls(_client_context(self._own, self._peer_cert))
+                protocol = _StreamProtocol(expect_ready=True)
+                protocol.plain_writer = writer
+                context = _client_context(self._own, self._peer_cert)
+                transport = await loop.start_tls(writer.transport, protocol, context, server_hostname=None)
                 # TLS 1.3 finishes on the client before the server checked our certificate: wait for its word.
-                if await reader.readexactly(1) != READY:
-                    raise ConnectionError("the listener did not confirm the TLS session")
-            self._verify(writer)
+                await protocol.ready
+            self._verify(transport)
         except BaseException:
-            writer.transport.abort()
+            transport.abort()
             raise
-        self._adopt(reader, writer, f"dialled {host}:{port}")
+        transport = cast(asyncio.Transport, transport)  # uvloop's TLS transport is no subclass of it
+        self._adopt(transport, protocol, f"dialled {host}:{port}")
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """The listener's connection for this link: TLS as server, verify, READY; True when adopted."""
         if self._stream is not None or self._closing or self.refusal is not None:
             return False
         remote = writer.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._settings.handshake_timeout_s):
                 await self._hello.wait()  # the dial may overtake the peer's hello on the control channel
                 assert self._peer_cert is not None
-                await writer.start_tls(_server_context(self._own, self._peer_cert))
-                self._verify(writer)
-                writer.write(READY)
-                await writer.drain()
+                await writer.drain()  # the ACK
+                protocol = _StreamProtocol(expect_ready=False)
+                protocol.plain_writer = writer
+                context = _server_context(self._own, self._peer_cert)
+                transport = await loop.start_tls(writer.transport, protocol, context, server_side=True)
         except ssl.SSLCertVerificationError as exc:
             self._refuse(f"a connection from {remote} presented a certificate other than the signed one: {exc}")
             return False
@@ -529,27 +696,42 @@ class DirectSession:
                 "direct TLS handshake from %s for %s failed: %s: %s", remote, self.peer, type(exc).__name__, exc
             )
             return False
-        if self._stream is not None or self._closing:
-            return False
-        self._adopt(reader, writer, f"accepted from {remote}")
+        transport = cast(asyncio.Transport, transport)  # uvloop's TLS transport is no subclass of it
+        try:
+            self._verify(transport)
+        except ssl.SSLCertVerificationError as exc:
+            transport.abort()
+            self._refuse(f"a connection from {remote} presented a certificate other than the signed one: {exc}")
+            return True  # the TLS transport is ours and aborted; the plain one went with it
+        if self._stream is not None or self._closing or transport.is_closing():
+            transport.abort()
+            return True
+        # No await from here to the stream's attachment: the dialer sends frames only after READY.
+        transport.write(READY)
+        self._adopt(transport, protocol, f"accepted from {remote}")
         return True
 
-    def _verify(self, writer: asyncio.StreamWriter) -> None:
+    def _verify(self, transport: asyncio.BaseTransport) -> None:
         """The certificate of the finished handshake must be the pinned one (OpenSSL already trusted only it)."""
-        ssl_object = writer.get_extra_info("ssl_object")
+        ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der is None or not matches_fingerprints(x509.load_der_x509_certificate(der), self._remote_fingerprints):
             raise ssl.SSLCertVerificationError(f"{self.peer}: the TLS certificate is not the signed one")
 
-    def _adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, how: str) -> None:
+    def _adopt(self, transport: asyncio.Transport, protocol: "_StreamProtocol", how: str) -> None:
+        if transport.is_closing() or protocol.lost.done():
+            logger.info("direct TLS stream to %s (%s) closed before it was up", self.peer, how)
+            return
         stream = DirectStream(
-            reader,
-            writer,
+            transport,
+            protocol,
             peer=self.peer,
             max_frame_bytes=self._max_frame_bytes,
             write_buffer_bytes=self._settings.write_buffer_bytes,
             stall_timeout_s=self._settings.stall_timeout_s,
             on_frame=self._on_frame,
+            on_chunk=self._on_chunk,
+            on_chunk_filled=self._on_chunk_filled,
             on_closed=self._stream_closed,
         )
         self._stream = stream

@@ -45,6 +45,7 @@ from hivewire.mesh.framing import (
     FramingLimits,
     PayloadDecoder,
     encode_payload,
+    frame_parts,
     max_message_bytes_from_sdp,
 )
 
@@ -260,6 +261,8 @@ class Link:
                 send_control=self.send_control,
                 on_stream=self._direct_up,
                 on_frame=self._on_direct_frame,
+                on_chunk=self._direct_chunk_target,
+                on_chunk_filled=self._direct_chunk_filled,
                 on_closed=self._direct_closed,
             )
         except (LinkError, ValueError) as exc:
@@ -320,7 +323,7 @@ class Link:
                 kept = data if isinstance(data, bytes) else bytes(data)
                 self._outgoing[payload_id] = _Outgoing(kept, stream)
                 try:
-                    await stream.send_frames(encode_payload(payload_id, kept, self._max_frame_bytes))
+                    await stream.send_parts(frame_parts(payload_id, kept, self._max_frame_bytes))
                     self.stats.payloads_sent_direct += 1
                 except LinkError as exc:
                     logger.info("payload %d to %s goes again over WebRTC: %s", payload_id, self.peer, exc)
@@ -503,6 +506,28 @@ class Link:
         if decoder is not None and not self._closing:
             self._intake(frame, decoder)
 
+    def _direct_chunk_target(self, stream: DirectStream, payload_id: int, offset: int, size: int) -> memoryview | None:
+        """Where a CHUNK on the direct stream goes: into its payload's buffer when the decoder expects exactly
+        this chunk, else None and the whole frame comes through _on_direct_frame (duplicates, refusals)."""
+        self._last_heard = self._loop.time()
+        decoder = self._stream_decoders.get(stream)
+        if decoder is None or self._closing or payload_id <= self._highest_delivered:
+            return None
+        return decoder.chunk_target(payload_id, offset, size)
+
+    def _direct_chunk_filled(self, stream: DirectStream, payload_id: int, offset: int, body: memoryview) -> None:
+        self._last_heard = self._loop.time()
+        decoder = self._stream_decoders.get(stream)
+        if decoder is None or self._closing:
+            return
+        try:
+            done = decoder.chunk_filled(payload_id, offset, body)
+        except FramingError as exc:
+            self._refused_frame(exc)
+            return
+        if done is not None:
+            self._deliver(decoder, done)
+
     def _intake(self, frame: bytes, decoder: PayloadDecoder) -> None:
         """One frame from either path: duplicates dropped by id, the rest decoded, complete payloads queued."""
         if isinstance(frame, bytes) and len(frame) >= HEADER.size:
@@ -524,17 +549,23 @@ class Link:
         try:
             done = decoder.feed(frame)
         except FramingError as exc:
-            self.stats.frames_refused += 1
-            self._log_refusal(self.stats.frames_refused, "bulk frame", exc)
-            if exc.payload_id is not None and not self._closing:
-                # The sender holds credit for this payload until told; the reason is ours, not the peer's text.
-                with contextlib.suppress(LinkError):
-                    self.send_control(
-                        {"type": "bulk_refused", "payload_id": exc.payload_id, "reason": str(exc)[:_REASON_CHARS]}
-                    )
+            self._refused_frame(exc)
             return
-        if done is None:
-            return
+        if done is not None:
+            self._deliver(decoder, done)
+
+    def _refused_frame(self, exc: FramingError) -> None:
+        self.stats.frames_refused += 1
+        self._log_refusal(self.stats.frames_refused, "bulk frame", exc)
+        if exc.payload_id is not None and not self._closing:
+            # The sender holds credit for this payload until told; the reason is ours, not the peer's text.
+            with contextlib.suppress(LinkError):
+                self.send_control(
+                    {"type": "bulk_refused", "payload_id": exc.payload_id, "reason": str(exc)[:_REASON_CHARS]}
+                )
+
+    def _deliver(self, decoder: PayloadDecoder, done: tuple[int, bytearray]) -> None:
+        """A complete, verified payload: queue it for the consumer, once, in id order."""
         payload_id, data = done
         if payload_id <= self._highest_delivered:  # it completed on the other path first
             decoder.release()
