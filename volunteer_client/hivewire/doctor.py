@@ -13,11 +13,12 @@ is blocked and every probe has to time out; a live peer to link to may take up t
 and a relay-only retry), and a linked one adds the direct path's settling and the probe (at most 13 s).
 `decide` turns the steps into the verdict and the exit status.
 
-The throughput probe sends bulk payloads only to a peer that asked for them: a volunteer's client reads
-bulk payloads only inside an averaging round and does not tag them by consumer, so bytes it did not expect
-would sit in its queue holding credit. The doctor sends one ``doctor_probe`` record; a peer running a
-:class:`ProbeResponder` answers ``doctor_probe_ready`` and drains what follows; any other peer refuses the
-unknown record (one line in its log) and the doctor reports the throughput as not measured.
+The throughput probe sends bulk payloads only to a peer that asked for them: bulk payloads are not tagged
+by consumer, so bytes a peer did not expect would sit in its queue holding credit. The doctor sends one
+``doctor_probe`` record; a peer running a :class:`ProbeResponder` (a volunteer's network side runs one,
+for peers outside the run's progress view, one probe per 10 s) answers ``doctor_probe_ready`` and drains
+what follows; a peer that is busy with another probe, or an older client, does not answer, and the doctor
+reports the throughput as not measured.
 """
 
 from __future__ import annotations
@@ -608,8 +609,8 @@ async def _probe_throughput(link: Link, ready: asyncio.Future[int]) -> dict[str,
         granted = min(await asyncio.wait_for(ready, PROBE_ANSWER_TIMEOUT_S), PROBE_MAX_BYTES)
     except TimeoutError:
         result["throughput"] = (
-            "throughput not measured: the peer takes no probe payloads (a volunteer's client reads bulk "
-            "payloads only in an averaging round)"
+            "throughput not measured: the peer took no probe (it was answering another one, or its "
+            "client is older than this one)"
         )
         return result
     except LinkError as exc:

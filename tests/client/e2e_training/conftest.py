@@ -67,10 +67,11 @@ class Volunteer:
             for line in stream:
                 self.lines.append(line)
 
-    def wait_for(self, text: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
-        """Until a line containing ``text`` was printed; fails after ``timeout_s`` or when the process exited."""
+    def wait_for(self, text: str, timeout_s: float = JOIN_TIMEOUT_S, *, times: int = 1) -> None:
+        """Until ``times`` lines containing ``text`` were printed; fails after ``timeout_s`` or when the process
+        exited."""
         deadline = time.monotonic() + timeout_s
-        while not any(text in line for line in self.lines):
+        while sum(text in line for line in self.lines) < times:
             assert self.process is not None
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.wait()

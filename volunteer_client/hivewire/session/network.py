@@ -40,6 +40,7 @@ from hivewire.coordination import (
     ProgressTracker,
     RoundAbandoned,
 )
+from hivewire.doctor import PROBE_SCHEMAS, ProbeResponder
 from hivewire.errors import HivewireError
 from hivewire.identity import CertificateVerifier, load_or_create_identity
 from hivewire.mesh import DirectSettings, Link, Mesh, MeshError, MeshSettings, restrict_host_addresses, tuning
@@ -68,6 +69,7 @@ CATCH_UP_INTERVAL_S = 0.25  # how often we check whether the run moved past our 
 MAX_DONORS = 4  # neighbours a late joiner downloads the state from at once
 LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
 LINGER_S = 5.0  # at most this long for the neighbours to take what we sent them before the links close
+PROBE_INTERVAL_S = 10.0  # `hivewire doctor` throughput probes taken at most this often (each <= 8 MiB, 9 s)
 _POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
 
 
@@ -150,7 +152,7 @@ class NetworkSide:
             ice_servers=config.ice_servers,
             signaling=SignalingClient(config.signaling_url, certificate),
             settings=MeshSettings(direct=DirectSettings(enabled=config.direct_path)),
-            schemas=(*COORDINATION_SCHEMAS, *STATE_SCHEMAS, *RECEIPT_SCHEMAS),
+            schemas=(*COORDINATION_SCHEMAS, *STATE_SCHEMAS, *RECEIPT_SCHEMAS, *PROBE_SCHEMAS),
         )
         self.tracker = ProgressTracker(
             identity,
@@ -163,6 +165,8 @@ class NetworkSide:
         self.matchmaker = Matchmaker(self.mesh, MatchmakingSettings(group_size=min(config.group_size, MAX_GROUP_SIZE)))
         self.states = StateExchange(self.mesh)
         self.receipts = ReceiptExchange(self.mesh, identity, certificate, certificates, run=config.run)
+        self.probes = ProbeResponder(self.mesh, accept=self._takes_probe)
+        self._probed_at = -math.inf
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read_pipe, args=(loop,), name="hivewire-pipe-reader", daemon=True).start()
         try:
@@ -190,6 +194,7 @@ class NetworkSide:
             told = self.tracker.farewell()
             logger.info("said farewell to %d neighbour(s)", told)
             await self._linger()
+            await self.probes.close()
             await self.states.close()
             await self.mesh.close()
             certificates.close()
@@ -209,6 +214,21 @@ class NetworkSide:
         if not all(flushed):
             stuck = [link.peer for link, done in zip(links, flushed, strict=True) if not done]
             logger.info("left with payloads that %s had not taken within %s s", stuck, LINGER_S)
+
+    def _takes_probe(self, peer: str) -> bool:
+        """Whether to answer a `hivewire doctor` throughput probe from ``peer``.
+
+        Only from a peer outside the run's progress view (a doctor trains nothing): a round or a state
+        download reads the bulk payloads of the run's peers, and a probe's drain would take them. A certified
+        peer could probe, then join the view and a group: its drain would then eat that round's payloads from
+        it alone, which the butterfly excludes. At most one probe per PROBE_INTERVAL_S, so probes cannot
+        keep this volunteer's network side busy.
+        """
+        now = asyncio.get_running_loop().time()
+        if peer in self.tracker.records() or now - self._probed_at < PROBE_INTERVAL_S:
+            return False
+        self._probed_at = now
+        return True
 
     # ------------------------------------------------------------------------------ the trainer's side
 
@@ -277,12 +297,12 @@ class NetworkSide:
 
     async def _average(self, request: Average) -> None:
         """Matchmake for the epoch, run the butterfly on the shared buffer, answer; never leaves it waiting."""
+        if await self._skip_past(request):  # at once: not behind a catch-up download that holds the bulk lock
+            return
         async with self._bulk:
-            view = self.tracker.view()
-            if view.epoch > request.epoch:  # stepping now would fork the model: catch up instead
-                detail = f"the run is at epoch {view.epoch}, past ours ({request.epoch})"
-                await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, detail))
+            if await self._skip_past(request):
                 return
+            view = self.tracker.view()
             peers = view.peers if view.epoch == request.epoch else (self.me,)
             group = await self._matchmake(request.epoch, peers)
             if isinstance(group, str):
@@ -321,6 +341,15 @@ class NetworkSide:
             task = asyncio.get_running_loop().create_task(self._deliver_receipt(work), name=f"hivewire-receipt-{rid}")
             self._receipt_tasks.add(task)
             task.add_done_callback(self._receipt_tasks.discard)
+
+    async def _skip_past(self, request: Average) -> bool:
+        """Answer "skipped" when the run is past the request's epoch: stepping now would fork the model."""
+        epoch = self.tracker.view().epoch
+        if epoch <= request.epoch:
+            return False
+        detail = f"the run is at epoch {epoch}, past ours ({request.epoch})"
+        await self._send(Averaged(request.epoch, False, (self.me,), {}, 0.0, detail))
+        return True
 
     async def _deliver_receipt(self, work: Coroutine[Any, Any, dict[str, Any] | None]) -> None:
         """Co-sign the round's receipt beside training, and hand it to the trainer (which uploads it)."""
