@@ -76,6 +76,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(state, "CHUNK_BYTES", CHUNK)
     monkeypatch.setattr(state, "CHUNK_TIMEOUT_S", 0.5)
     monkeypatch.setattr(state, "OFFER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(state, "LINK_TIMEOUT_S", 0.5)
 
 
 def swarm(donors: int) -> tuple[StateExchange, dict[str, StateExchange], dict[str, Mesh]]:
@@ -116,6 +117,25 @@ async def test_a_silent_donor_is_dropped_after_the_chunk_deadline() -> None:
 
     network["donor1"].link("joiner").send_payload = silent  # type: ignore[method-assign,union-attr]
     _, downloaded, served = await joiner.download(["donor1", "donor0"], max_epoch=RUN_EPOCH)
+    assert downloaded == blob and served == ("donor0",)
+
+
+async def test_a_donor_that_cannot_be_linked_is_dropped_after_the_link_deadline() -> None:
+    """A donor that left (the mesh keeps retrying it) holds the download up to LINK_TIMEOUT_S, not forever."""
+    joiner, donors, network = swarm(2)
+    blob = os.urandom(3 * CHUNK)
+    for exchange in donors.values():
+        exchange.offer(1, blob)
+    mesh = network["joiner"]
+    linked = mesh.connect
+
+    async def connect(peer: str) -> Link:
+        if peer == "donor1":
+            await asyncio.Event().wait()  # never linked
+        return await linked(peer)
+
+    mesh.connect = connect  # type: ignore[method-assign]
+    _, downloaded, served = await asyncio.wait_for(joiner.download(["donor1", "donor0"], max_epoch=RUN_EPOCH), 5)
     assert downloaded == blob and served == ("donor0",)
 
 

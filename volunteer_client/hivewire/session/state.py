@@ -34,6 +34,8 @@ MAX_STATE_BYTES = 256 * 2**20  # the framing's payload limit
 CHUNK_BYTES = 2**20  # a donor's chunk size, unless the snapshot needs bigger ones to stay within MAX_CHUNKS
 MAX_CHUNK_BYTES = 16 * 2**20
 MAX_CHUNKS = 512  # an offer lists every chunk's SHA-256: 512 x 66 bytes stays well within a control record
+LINK_TIMEOUT_S = 30.0  # to link to a donor that is no neighbour (ICE, then a relay-only retry); a donor that
+# left may otherwise keep the download, and the bulk channels it holds, waiting on the mesh's retries
 OFFER_TIMEOUT_S = 10.0  # from our request to a donor's offer
 CHUNK_TIMEOUT_S = 30.0  # from a chunk request to the chunk (1 MiB at aiortc's 5-20 MB/s, under contention)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -180,7 +182,12 @@ class StateExchange:
         """The donor's offer, or None (logged) when it refuses, cannot be reached or stays silent."""
         answer = self._answers[donor] = asyncio.get_running_loop().create_future()
         try:
-            link = await self._mesh.connect(donor)
+            try:
+                async with asyncio.timeout(LINK_TIMEOUT_S):
+                    link = await self._mesh.connect(donor)
+            except TimeoutError:
+                logger.warning("cannot ask %s for its state: no link within %s s", donor, LINK_TIMEOUT_S)
+                return None
             link.send_control({"type": "state_request", "epoch": 0})
             async with asyncio.timeout(OFFER_TIMEOUT_S):
                 offer = await answer
