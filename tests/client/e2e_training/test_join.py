@@ -18,7 +18,7 @@ LEAVE_TIMEOUT_S = 20.0  # from Ctrl-C to exit: the network process closes the me
 
 EPOCHS = 6
 BATCH = 8
-INNER_STEPS = 128  # diloco's H in its test: 1024 samples per peer between two rounds
+INNER_STEPS = 256  # diloco's H in its test: 2048 samples per peer between two rounds
 GOODBYE = re.compile(
     r"(?P<rounds>\d+) averaging rounds with other volunteers \((?P<samples>\d+) samples\) sent (?P<bytes>\d+) bytes"
 )
@@ -76,23 +76,23 @@ def _data_plane_cost(volunteer: Volunteer) -> tuple[int, int, int]:
     return int(match["rounds"]), int(match["samples"]), int(match["bytes"])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 5 stays open): when one peer reaches --max-epochs and leaves, the other can stay "
-    "behind trying to download the state from it (its gossip still says epoch+1) and never exit",
-)
 def test_diloco_peers_end_identical_and_send_far_fewer_bytes_than_dedloc(
     volunteers: Volunteers, http: httpx.Client, organizer: Account
 ) -> None:
     """diloco (overlapped): both peers hold the same parameters after the last round, collected as they leave,
-    and for each sample averaged they send
-    a small fraction of what dedloc sends: one round per H=128 inner steps of 8 samples on each peer, against
-    one per global batch of 256 samples (128 or more on each peer: the view lags), so 5-8x fewer bytes per sample.
+    and for each sample averaged they send a small fraction of what dedloc sends. A round sends the same bytes
+    under both; diloco has one per H=256 inner steps of 8 samples on each peer (2048 samples), dedloc one per
+    global batch of 256 samples, i.e. 128 on each peer nominally, but 200-300 seen (the view lags by a few
+    micro-batches): 16x fewer bytes per sample nominally, 7-11x seen; at least 4x is asserted.
 
     Rounds a volunteer took alone (the other still starting) send nothing and are left out of both counts."""
     costs = {}
     for strategy, target, args in (
-        ("diloco", 512, ("--max-epochs", "2", "--inner-steps", str(INNER_STEPS))),  # the flag only checks H
+        (
+            "diloco",
+            512,
+            ("--max-epochs", "2", "--inner-steps", str(INNER_STEPS), "--verbose"),
+        ),  # the flag only checks H
         ("dedloc", 256, ("--max-epochs", "8")),
     ):
         spec = {**E2E_RUN, "slug": f"{strategy}-bytes", "strategy": strategy, "target_batch_size": target}
