@@ -45,11 +45,20 @@ class Progress:
         return asdict(self)
 
 
-def describe_links(counts: object) -> str:
-    """ "host 1 · relay 2" from a report's link counts; empty links read as "none yet"."""
+def describe_links(counts: object, links: object = None) -> str:
+    """ "host 1 · relay 2 (3.1 MB/s)" from a report's link counts and, where it sent them, the rates measured
+    on its links (the best per type); empty links read as "none yet"."""
     if not isinstance(counts, dict):
         return "unknown"
-    parts = [f"{LINK_NAMES[name]} {count}" for name, count in counts.items() if name in LINK_NAMES and count]
+    best: dict[str, float] = {}
+    for link in links if isinstance(links, list) else ():
+        if isinstance(link, dict) and link.get("type") in LINK_NAMES and isinstance(link.get("bytes_per_s"), float):
+            best[link["type"]] = max(best.get(link["type"], 0.0), link["bytes_per_s"])
+    parts = [
+        f"{LINK_NAMES[name]} {count}" + (f" ({best[name] / 1e6:.1f} MB/s)" if best.get(name) else "")
+        for name, count in counts.items()
+        if name in LINK_NAMES and count
+    ]
     return " · ".join(parts) or "none yet"
 
 
@@ -77,7 +86,7 @@ async def live_peers(session: AsyncSession, *, run: Run, live_seconds: int) -> l
             user_id=report.user_id,
             display_name=name,
             samples_per_second=report.samples_per_second,
-            link_types=describe_links(details.get("link_types")),
+            link_types=describe_links(details.get("link_types"), details.get("links")),
             client_version=str(details.get("client_version", "")),
             device_kind=str(details.get("device_kind", "")),
             last_seen=report.created_at,

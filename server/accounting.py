@@ -33,7 +33,8 @@ def canonical_json(value: Any) -> bytes:
 
 
 def report_signing_bytes(report: ReportIn) -> bytes:
-    return REPORT_CONTEXT + canonical_json(report.model_dump(exclude={"signature"}))
+    # exclude_none: an optional field a client left out (``links``, from older clients) was not signed
+    return REPORT_CONTEXT + canonical_json(report.model_dump(exclude={"signature"}, exclude_none=True))
 
 
 def receipt_signing_bytes(*, run: str, round_id: str, epoch: int, members: list[tuple[str, int]]) -> bytes:

@@ -115,6 +115,7 @@ async def ingest(
                 samples_per_second=report.samples_per_second,
                 details={
                     "link_types": report.link_types.model_dump(),
+                    "links": [link.model_dump() for link in report.links or ()],
                     "client_version": report.client_version,
                     "device_kind": report.device_kind,
                 },

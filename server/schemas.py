@@ -223,6 +223,13 @@ class LinkTypes(Strict):
     direct_tls: int = Field(default=0, strict=True, ge=0, le=100_000)
 
 
+class LinkRate(Strict):
+    """One of the peer's links: its connection type and the payload rate measured on it (0 = not measured)."""
+
+    type: Literal["host", "srflx", "relay", "direct_tls"]
+    bytes_per_s: float = Field(ge=0, le=1e12, allow_inf_nan=False)
+
+
 class ReportIn(Strict):
     report_id: str = Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
     peer_id: PeerId
@@ -231,6 +238,7 @@ class ReportIn(Strict):
     loss: Finite
     samples_per_second: Finite
     link_types: LinkTypes
+    links: list[LinkRate] | None = Field(default=None, max_length=64)  # optional: older clients omit it
     client_version: str = Field(pattern=r"^[A-Za-z0-9._+-]{1,32}$")
     device_kind: str = Field(pattern=r"^[a-z0-9_-]{1,16}$")
     time: Finite

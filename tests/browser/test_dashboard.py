@@ -198,9 +198,12 @@ def test_banned_volunteer_is_refused_and_unbanned_may_join_again(
     sign_in(browser, live_server, live_server.organizer)
     browser.get(f"{live_server.url}/runs/{slug}/manage")
     assert "victor" in text(browser, "#peers") and "host 1 · reflexive 1" not in text(browser, "#peers")
-    assert post_reports(live_server.http, slug, peer, [peer.report()]).json()["accepted"]  # type: ignore[arg-type]
+    links = [{"type": "host", "bytes_per_s": 2.5e7}, {"type": "srflx", "bytes_per_s": 0.0}]
+    report = peer.report(links=links)
+    assert post_reports(live_server.http, slug, peer, [report]).json()["accepted"]  # type: ignore[arg-type]
     browser.refresh()
-    assert "host 1 · reflexive 1" in text(browser, "#peers") and "0.1.0" in text(browser, "#peers")
+    # the measured rate where the report has one; a link not measured yet shows none
+    assert "host 1 (25.0 MB/s) · reflexive 1" in text(browser, "#peers") and "0.1.0" in text(browser, "#peers")
     forged = peer.report(samples_per_second=1e9)
     assert post_reports(live_server.http, slug, peer, [forged]).json()["refused"]  # type: ignore[arg-type]
     browser.refresh()

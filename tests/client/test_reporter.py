@@ -21,7 +21,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivewire.api import HivewireAPI
 from hivewire.errors import ServerUnreachable
 from hivewire.identity import PeerIdentity
-from hivewire.reporter import LinkTypes, Reporter, ReporterConfig, ReportQueue, sign_receipt, sign_report
+from hivewire.reporter import (
+    MAX_REPORTED_LINKS,
+    LinkRate,
+    LinkTypes,
+    Reporter,
+    ReporterConfig,
+    ReportQueue,
+    sign_receipt,
+    sign_report,
+)
 from hivewire_server.core.config import Settings
 from hivewire_server.main import create_app
 from tests.client._fakes import raw_public
@@ -156,6 +165,30 @@ def test_reports_the_server_refuses_leave_the_queue(
     result = reporter.flush()
     reporter.close()
     assert result.accepted == [good] and len(result.refused) == 1 and result.pending == 0
+
+
+def test_reports_carry_each_links_measured_rate_within_the_servers_bounds(
+    server: LiveServer, volunteer: Account, run_slug: str, tmp_path: Path
+) -> None:
+    """Rates that are no finite number >= 0 (a link's measurement gone wrong) read as unknown, the list is cut
+    at the server's bound, and the server takes the signed report."""
+    identity = new_identity()
+    with HivewireAPI(server.url, volunteer.token) as api:
+        certificate = api.join(run_slug, identity.peer_key).certificate
+    links = [LinkRate("direct_tls", 4.1e8), LinkRate("relay", math.nan), LinkRate("host", -3.0)]
+    links += [LinkRate("srflx", 1e6)] * MAX_REPORTED_LINKS
+    reporter = Reporter(server.url, run_slug, identity, lambda: certificate, ReporterConfig(tmp_path / "q.jsonl"))
+    sent = reporter.report(epoch=0, samples=5, loss=1.0, samples_per_second=1.0, link_types=LINKS, links=links)
+    queued = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    result = reporter.flush()
+    reporter.close()
+    assert result.accepted == [sent], result
+    assert len(queued[0]["links"]) == MAX_REPORTED_LINKS
+    assert queued[0]["links"][:3] == [
+        {"type": "direct_tls", "bytes_per_s": 4.1e8},
+        {"type": "relay", "bytes_per_s": 0.0},
+        {"type": "host", "bytes_per_s": 0.0},
+    ]
 
 
 def test_a_receipt_each_member_signed_with_sign_receipt_is_stored(

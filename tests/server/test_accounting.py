@@ -48,6 +48,21 @@ def test_reports_are_counted_once_however_often_they_are_sent(
     assert row["verified_samples"] == 0 and row["rounds"] == 0
 
 
+def test_a_report_may_list_its_links_with_their_measured_rates(
+    client: TestClient, volunteer: Account, run_slug: str
+) -> None:
+    """The links field is signed when present and optional (older clients omit it); it is kept with the report."""
+    peer = joined(client, volunteer, run_slug)
+    now = time.time()
+    links = [{"type": "direct_tls", "bytes_per_s": 4.1e8}, {"type": "relay", "bytes_per_s": 0.0}]
+    with_links, without = peer.report(links=links, time=now - 2), peer.report(time=now - 1)
+    tampered = peer.report(links=links, time=now)
+    tampered["links"] = [{"type": "direct_tls", "bytes_per_s": 9e11}, links[1]]
+    body = post_reports(client, run_slug, peer, [with_links, without, tampered]).json()
+    assert body["accepted"] == [with_links["report_id"], without["report_id"]], body
+    assert [refusal["reason"] for refusal in body["refused"]] == ["bad_signature"]
+
+
 def test_bad_reports_are_refused_one_by_one_with_a_reason(
     client: TestClient, organizer: Account, volunteer: Account, run_slug: str
 ) -> None:
@@ -67,6 +82,10 @@ def test_bad_reports_are_refused_one_by_one_with_a_reason(
         "infinite rate": (peer.report(samples_per_second=math.inf), "malformed"),
         "float count": (peer.report(samples=3.0), "malformed"),
         "not a uuid": (peer.report(report_id="1"), "malformed"),
+        "unknown link type": (peer.report(links=[{"type": "carrier-pigeon", "bytes_per_s": 1.0}]), "malformed"),
+        "negative link rate": (peer.report(links=[{"type": "host", "bytes_per_s": -1.0}]), "malformed"),
+        "NaN link rate": (peer.report(links=[{"type": "relay", "bytes_per_s": math.nan}]), "malformed"),
+        "too many links": (peer.report(links=[{"type": "host", "bytes_per_s": 1.0}] * 65), "malformed"),
         "absurd samples": (peer.report(samples=10**12), "implausible_samples"),
         "absurd rate": (peer.report(samples_per_second=1e9), "implausible_rate"),
         "future": (peer.report(time=time.time() + 3600), "in_the_future"),

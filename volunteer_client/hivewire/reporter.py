@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,22 @@ class LinkTypes:
     direct_tls: int = 0
 
 
+MAX_REPORTED_LINKS = 64  # the server refuses a report listing more
+MAX_LINK_RATE = 1e12  # bytes/s: the server's bound (8 Tbit/s)
+
+
+@dataclass(frozen=True)
+class LinkRate:
+    """One of this peer's links in a report: its type (as LinkTypes names them) and its measured payload rate."""
+
+    type: str  # host, srflx, relay or direct_tls
+    bytes_per_s: float  # 0 when not measured yet
+
+
+def _reportable_rate(rate: float) -> float:
+    return min(float(rate), MAX_LINK_RATE) if math.isfinite(rate) and rate >= 0 else 0.0
+
+
 def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
@@ -89,6 +105,7 @@ def sign_report(
     device_kind: str,
     now: float,
     client_version: str | None = None,
+    links: Sequence[LinkRate] | None = None,
 ) -> dict[str, Any]:
     """A report with a fresh `report_id`, signed over the documented canonical bytes."""
     for name, value in (("loss", loss), ("samples_per_second", samples_per_second), ("time", now)):
@@ -106,6 +123,11 @@ def sign_report(
         "device_kind": device_kind,
         "time": float(now),
     }
+    if links is not None:  # within the server's bounds: a rate that is no finite number >= 0 reads as unknown (0)
+        body["links"] = [
+            {"type": link.type, "bytes_per_s": _reportable_rate(link.bytes_per_s)}
+            for link in links[:MAX_REPORTED_LINKS]
+        ]
     signature = identity.private_key.sign(REPORT_CONTEXT + _canonical(body))
     return {**body, "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode("ascii")}
 
@@ -304,7 +326,16 @@ class Reporter:
         with self._queue_lock:
             return len(self._receipts)
 
-    def report(self, *, epoch: int, samples: int, loss: float, samples_per_second: float, link_types: LinkTypes) -> str:
+    def report(
+        self,
+        *,
+        epoch: int,
+        samples: int,
+        loss: float,
+        samples_per_second: float,
+        link_types: LinkTypes,
+        links: Sequence[LinkRate] | None = None,
+    ) -> str:
         """Signs a report of the samples processed since the previous one and queues it; returns its id.
 
         Raises ValueError for a NaN or infinite loss or rate: the server would refuse it, so it is not queued."""
@@ -317,6 +348,7 @@ class Reporter:
             link_types=link_types,
             device_kind=self.device_kind,
             now=self._clock(),
+            links=links,
         )
         with self._queue_lock:
             self._queue.append(signed)

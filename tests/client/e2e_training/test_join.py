@@ -23,6 +23,7 @@ GOODBYE = re.compile(
     r"(?P<rounds>\d+) averaging rounds with other volunteers \((?P<samples>\d+) samples\) sent (?P<bytes>\d+) bytes"
 )
 LATE_EPOCHS = 8
+LINK_WITH_RATE = re.compile(r"\| links (direct|host) 1 \([0-9.]+ MB/s\)")
 EVAL_BATCHES = 4
 
 
@@ -48,6 +49,8 @@ def test_two_volunteers_train_to_identical_models(volunteers: Volunteers, http: 
     assert codes == [0, 0], outputs
     for volunteer in (alice, bob):
         assert f"Left run {SLUG} at epoch {EPOCHS}" in volunteer.output, outputs
+        # the progress line names the link's path and, once rounds moved payloads on it, its measured rate
+        assert LINK_WITH_RATE.search(volunteer.output), outputs
     first = torch.load(alice.checkpoint, weights_only=True)
     second = torch.load(bob.checkpoint, weights_only=True)
     assert first.keys() == second.keys()

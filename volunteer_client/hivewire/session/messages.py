@@ -90,6 +90,7 @@ class View:
     samples_per_second: float  # of every peer at ``epoch``
     num_peers: int  # live peers, ourselves included
     links: dict[str, int] = field(default_factory=dict)  # link kind (host, reflexive, relay, direct) -> count
+    link_rates: tuple[tuple[str, float], ...] = ()  # per neighbour: (kind, measured bytes/s; 0 = not yet)
 
 
 @dataclass(frozen=True)

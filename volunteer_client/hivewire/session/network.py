@@ -279,7 +279,8 @@ class NetworkSide:
     async def _send_views(self) -> None:
         while True:
             view = self.tracker.view()
-            kinds = Counter(link_kind(link) for peer in self.mesh.neighbours if (link := self.mesh.link(peer)))
+            links = [link for peer in self.mesh.neighbours if (link := self.mesh.link(peer)) is not None]
+            kinds = Counter(link_kind(link) for link in links)
             await self._send(
                 View(
                     epoch=view.epoch,
@@ -289,6 +290,7 @@ class NetworkSide:
                     samples_per_second=view.samples_per_second,
                     num_peers=view.num_peers,
                     links=dict(kinds),
+                    link_rates=tuple(sorted((link_kind(link), link.throughput_bytes_per_s or 0.0) for link in links)),
                 )
             )
             await asyncio.sleep(self.config.view_interval_s)
