@@ -173,11 +173,17 @@ async def test_the_hop_bound_stops_gossip(make_tracker: MakeTracker) -> None:
     assert first.peer_id not in last.records()
 
 
-async def test_a_silent_peer_expires_from_the_view(make_tracker: MakeTracker) -> None:
-    clock = Clock(NOW)
+async def linked_pair(make_tracker: MakeTracker, clock: Clock) -> tuple[ProgressTracker, ProgressTracker, GossipHub]:
+    """Two trackers linked on a new hub, on one clock."""
     hub = GossipHub()
     a, b = await make_tracker(hub, clock=clock), await make_tracker(hub, clock=clock)
     hub.link(a.peer_id, b.peer_id)
+    return a, b, hub
+
+
+async def test_a_silent_peer_expires_from_the_view(make_tracker: MakeTracker) -> None:
+    clock = Clock(NOW)
+    a, b, _ = await linked_pair(make_tracker, clock)
     a.report(epoch=1, samples_accumulated=10, samples_per_second=1.0)
     b.report(epoch=1, samples_accumulated=10, samples_per_second=1.0)
     await eventually(lambda: a.peer_id in b.records(), "b hearing of a")
@@ -234,9 +240,7 @@ async def test_a_farewell_drops_its_author_from_every_view_at_once(make_tracker:
 
 async def test_a_peer_that_returns_after_its_farewell_counts_again(make_tracker: MakeTracker) -> None:
     clock = Clock(NOW)
-    hub = GossipHub()
-    a, b = await make_tracker(hub, clock=clock), await make_tracker(hub, clock=clock)
-    hub.link(a.peer_id, b.peer_id)
+    a, b, _ = await linked_pair(make_tracker, clock)
     a.report(epoch=1, samples_accumulated=1, samples_per_second=1.0)
     await eventually(lambda: a.peer_id in b.records(), "b hearing of a")
     await a.close()
@@ -251,12 +255,9 @@ async def test_a_peer_that_returns_after_its_farewell_counts_again(make_tracker:
 async def test_forged_and_stale_farewells_change_nothing(
     make_tracker: MakeTracker, make_member: Callable[..., Member]
 ) -> None:
-    clock = Clock(NOW)
-    hub = GossipHub()
-    a, b = await make_tracker(hub, clock=clock), await make_tracker(hub, clock=clock)
+    a, b, hub = await linked_pair(make_tracker, Clock(NOW))
     hostile = make_member()
     transport = hub.join(hostile.peer_id)
-    hub.link(a.peer_id, b.peer_id)
     hub.link(hostile.peer_id, b.peer_id)
     a.report(epoch=1, samples_accumulated=1, samples_per_second=1.0)
     await eventually(lambda: a.peer_id in b.records(), "b hearing of a")
