@@ -24,6 +24,7 @@ Error bounds (x the input, x̂ the decoded value, element by element):
 
 import abc
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from hivewire.averaging.errors import PartRejected
+from hivewire.buffers import byte_buffer, float_array
 
 CODEC_VERSION = 1
 HEADER = struct.Struct("<BBBBQI")
@@ -38,6 +40,9 @@ FP16_MAX = 65504.0
 DEFAULT_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 2**24
 _MAX_SCALE = float(np.finfo(np.float32).max) / 127  # a larger scale times 127 would overflow float32
+# Elements per step of the fp16/int8 loops: temporaries stay in the CPU's cache instead of being allocated
+# at the size of a 50 MB part (5-10x faster there; the very same bits).
+_STEP_ELEMENTS = 2**16
 # dtype code on the wire -> (torch dtype, little-endian numpy dtype)
 _DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
     1: (torch.float32, np.dtype("<f4")),
@@ -72,19 +77,19 @@ class Codec(abc.ABC):
     codec_id: ClassVar[int]
     block_size: int = 0
 
-    def encode(self, tensor: torch.Tensor, *, reserve: int = 0) -> bytearray:
+    def encode(self, tensor: torch.Tensor, *, reserve: int = 0) -> memoryview:
         """Encode a 1-D float32/float64 tensor (the caller checks finiteness; NaN is refused on decode).
 
         ``reserve`` zero bytes come first, for the caller's own header: a whole message is then one
-        allocation written in one pass, which matters at 100 MB.
+        allocation (buffers.byte_buffer) written in one pass, which matters at 100 MB.
         """
         if tensor.dim() != 1:
             raise ValueError(f"encode takes a flat tensor, got shape {tuple(tensor.shape)}")
         dtype_code = _dtype_code(tensor.dtype)
         numel = tensor.numel()
-        out = bytearray(reserve + HEADER.size + self._body_bytes(numel, _DTYPES[dtype_code][1].itemsize))
+        out = byte_buffer(reserve + HEADER.size + self._body_bytes(numel, _DTYPES[dtype_code][1].itemsize))
         HEADER.pack_into(out, reserve, CODEC_VERSION, self.codec_id, dtype_code, 0, numel, self.block_size)
-        self._encode_body(tensor.detach().cpu().contiguous(), memoryview(out)[reserve + HEADER.size :])
+        self._encode_body(tensor.detach().cpu().contiguous(), out[reserve + HEADER.size :])
         return out
 
     def decode(
@@ -92,7 +97,8 @@ class Codec(abc.ABC):
     ) -> torch.Tensor:
         """Check a part against what was expected and decode it; PartRejected says what was wrong.
 
-        The returned tensor owns its memory (``data`` may be reused afterwards).
+        The returned tensor may share ``data``'s memory when ``data`` is writable (codec ``none`` reads
+        raw values in place): the caller must not reuse it. Read-only data is copied.
         """
         view = memoryview(data).cast("B")
         header = self._check_header(view, expected_numel, expected_dtype)
@@ -137,7 +143,8 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
-        """Decode a body whose length is already checked, into a new array of ``dtype``."""
+        """Decode a body whose length is already checked, into an array of ``dtype`` (a view of a writable
+        body where the wire format is the array's own, a new array otherwise)."""
 
 
 class NoCompression(Codec):
@@ -154,7 +161,8 @@ class NoCompression(Codec):
         np.frombuffer(body, dtype=values.dtype.newbyteorder("<"), count=values.size)[:] = values
 
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
-        return np.frombuffer(body, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
+        values = np.frombuffer(body, dtype=dtype, count=numel)
+        return values.astype(dtype.newbyteorder("="), copy=not values.flags.writeable)  # native order: a view
 
 
 class Float16Compression(Codec):
@@ -167,10 +175,18 @@ class Float16Compression(Codec):
         return numel * 2
 
     def _encode_body(self, tensor: torch.Tensor, body: memoryview) -> None:
-        np.frombuffer(body, dtype="<f2", count=tensor.numel())[:] = tensor.clamp(-FP16_MAX, FP16_MAX).numpy()
+        values = tensor.numpy()
+        out = np.frombuffer(body, dtype="<f2", count=values.size)
+        clamped = np.empty(min(_STEP_ELEMENTS, values.size), dtype=values.dtype)
+        for start in range(0, values.size, _STEP_ELEMENTS):
+            stop = min(start + _STEP_ELEMENTS, values.size)
+            np.clip(values[start:stop], -FP16_MAX, FP16_MAX, out=clamped[: stop - start])
+            out[start:stop] = clamped[: stop - start]
 
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
-        return np.frombuffer(body, dtype="<f2", count=numel).astype(dtype.newbyteorder("="))
+        values = float_array(numel, dtype.newbyteorder("="))
+        values[:] = np.frombuffer(body, dtype="<f2", count=numel)
+        return values
 
 
 class BlockwiseInt8Compression(Codec):
@@ -190,15 +206,30 @@ class BlockwiseInt8Compression(Codec):
     def _body_bytes(self, numel: int, itemsize: int) -> int:
         return 4 * self._blocks(numel) + numel
 
+    def _steps(self, numel: int) -> Iterator[tuple[int, int, int, int]]:
+        """(first block, end block, first element, end element) of each step, whole blocks per step."""
+        blocks_per_step = max(1, _STEP_ELEMENTS // self.block_size)
+        for first in range(0, self._blocks(numel), blocks_per_step):
+            last = min(first + blocks_per_step, self._blocks(numel))
+            yield first, last, first * self.block_size, min(last * self.block_size, numel)
+
     def _encode_body(self, tensor: torch.Tensor, body: memoryview) -> None:
-        numel = tensor.numel()
-        padded = torch.nn.functional.pad(tensor.to(torch.float32), (0, self._blocks(numel) * self.block_size - numel))
-        blocks = padded.view(-1, self.block_size)
-        scales = blocks.abs().amax(dim=1) / 127.0
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        quantized = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)[:numel]
-        np.frombuffer(body, dtype="<f4", count=scales.numel())[:] = scales.numpy()
-        np.frombuffer(body, dtype=np.int8, count=numel, offset=4 * scales.numel())[:] = quantized.numpy()
+        values = tensor.numpy()
+        numel = values.size
+        scales_out = np.frombuffer(body, dtype="<f4", count=self._blocks(numel))
+        quantized_out = np.frombuffer(body, dtype=np.int8, count=numel, offset=4 * scales_out.size)
+        for first, last, start, stop in self._steps(numel):
+            chunk = values[start:stop].astype(np.float32, copy=False)
+            padding = (last - first) * self.block_size - (stop - start)  # the last block may be short
+            if padding:
+                chunk = np.concatenate([chunk, np.zeros(padding, dtype=np.float32)])
+            grid = chunk.reshape(last - first, self.block_size)
+            scales = np.abs(grid).max(axis=1) / np.float32(127.0)
+            safe = np.where(scales > 0, scales, np.float32(1.0))
+            quantized = np.rint(grid / safe[:, None])  # round half to even
+            np.clip(quantized, -127, 127, out=quantized)
+            scales_out[first:last] = scales
+            quantized_out[start:stop] = quantized.reshape(-1)[: stop - start]
 
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
         blocks = self._blocks(numel)
@@ -206,9 +237,12 @@ class BlockwiseInt8Compression(Codec):
         if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # NaN fails both comparisons
             raise PartRejected(f"int8 part scales must be in 0..{_MAX_SCALE:g} (absmax/127); some of {blocks} are not")
         quantized = np.frombuffer(body, dtype=np.int8, count=numel, offset=4 * blocks)
-        values = quantized.astype(np.float32)
-        values *= np.repeat(scales.astype(np.float32), self.block_size)[:numel]
-        return values.astype(dtype.newbyteorder("="), copy=False)
+        values = float_array(numel, dtype.newbyteorder("="))
+        for first, last, start, stop in self._steps(numel):
+            chunk = quantized[start:stop].astype(np.float32)
+            step_scales = np.repeat(scales[first:last].astype(np.float32), self.block_size)[: stop - start]
+            values[start:stop] = chunk * step_scales  # float32 products, then the decoded dtype
+        return values
 
 
 CODECS: dict[str, type[Codec]] = {

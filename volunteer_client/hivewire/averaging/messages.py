@@ -50,14 +50,14 @@ class Message:
 
 def encode_message(
     kind: int, *, shard: int, tag: bytes, weight: float, contributors: int, codec: Codec, values: torch.Tensor
-) -> bytearray:
+) -> memoryview:
     """One message: this header, then ``values`` encoded by ``codec``, in a single buffer."""
     data = codec.encode(values, reserve=HEADER.size)
     HEADER.pack_into(data, 0, MAGIC, MESSAGE_VERSION, kind, shard, tag, weight, contributors)
     return data
 
 
-def parse_message(data: bytes | bytearray, *, group_size: int, max_weight: float) -> Message:
+def parse_message(data: bytes | bytearray | memoryview, *, group_size: int, max_weight: float) -> Message:
     """Check the header of a message in a group of ``group_size``; PartRejected says what was wrong.
 
     ``max_weight`` bounds a member's weight (sample count); a RESULT's total may reach group_size times it.

@@ -17,11 +17,12 @@ from hivewire.mesh import Link, LinkError
 class GroupTransport(Protocol):
     """Message transport among the members of one averaging group; messages arrive whole and in order."""
 
-    async def send(self, peer: str, data: bytes | bytearray) -> None:
-        """Send one message to ``peer``; PeerUnreachable when it cannot be reached any more."""
+    async def send(self, peer: str, data: bytes | bytearray | memoryview) -> None:
+        """Send one message to ``peer`` (left unchanged by the caller until the round ends); PeerUnreachable
+        when it cannot be reached any more."""
         ...
 
-    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:
+    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray | memoryview:
         """The next message from ``peer``; TimeoutError after ``timeout_s``, PeerUnreachable once it is gone."""
         ...
 
@@ -43,13 +44,13 @@ class LinkGroupTransport:
         except KeyError:
             raise PeerUnreachable(f"no link to group member {peer}; links to: {sorted(self._links)}") from None
 
-    async def send(self, peer: str, data: bytes | bytearray) -> None:
+    async def send(self, peer: str, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self._link(peer).send_payload(data)
+            await self._link(peer).send_payload(data, borrow=True)  # messages are never changed once sent
         except LinkError as exc:
             raise PeerUnreachable(str(exc)) from exc
 
-    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:
+    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray | memoryview:
         link = self._link(peer)
         try:
             async with asyncio.timeout(timeout_s):
@@ -106,10 +107,10 @@ class InProcessTransport:
         self._hub = hub
         self.me = me
 
-    async def send(self, peer: str, data: bytes | bytearray) -> None:
+    async def send(self, peer: str, data: bytes | bytearray | memoryview) -> None:
         self._hub._queue(self.me, peer).put_nowait(bytes(data))
 
-    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray:
+    async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray | memoryview:
         queue = self._hub._queues.get((peer, self.me))
         if queue is None:
             raise PeerUnreachable(f"{peer} is not a member of this hub's group {self._hub.members}")

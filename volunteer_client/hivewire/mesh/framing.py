@@ -19,7 +19,7 @@ path at 500 MB/s. The direct path (direct.py) carries the very same frames; it o
 view of the payload (:func:`frame_parts`) and reads each chunk's body straight into the payload's buffer
 (:meth:`PayloadDecoder.chunk_target`), under the same checks, hash and limits. It guards against bugs and
 corruption, not forgery: the link itself is DTLS- (or TLS-) authenticated. Torch-free on purpose: payloads
-are plain bytes.
+are plain bytes, each received into a buffers.byte_buffer.
 """
 
 import hashlib
@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from hivewire.buffers import byte_buffer
 from hivewire.mesh.errors import FramingError
 
 FRAMING_VERSION = 1
@@ -93,7 +94,7 @@ def frame_parts(
 class _Incoming:
     """One payload being received: its buffer, how much arrived, and the running hash."""
 
-    buffer: bytearray
+    buffer: memoryview  # buffers.byte_buffer: cheap to fill at tens of MB
     received: int
     expected_digest: bytes
     hasher: "hashlib._Hash"
@@ -138,10 +139,10 @@ class PayloadDecoder:
         self._incoming.clear()
         return dropped
 
-    def feed(self, frame: bytes) -> tuple[int, bytearray] | None:
+    def feed(self, frame: bytes) -> tuple[int, memoryview] | None:
         """Take one frame; return ``(payload_id, payload)`` when it completes a verified payload.
 
-        The payload is a bytearray the caller owns (writable, so torch.frombuffer needs no copy); each
+        The payload is a writable memoryview the caller owns (so numpy and torch can view it without a copy); each
         delivered payload holds a slot until :meth:`release`.
         """
         if not isinstance(frame, bytes):
@@ -163,7 +164,7 @@ class PayloadDecoder:
             return self._chunk(payload_id, value, memoryview(frame)[HEADER.size :])
         raise FramingError(f"{self._peer}: unknown frame kind {kind}, expected {KIND_START} or {KIND_CHUNK}")
 
-    def _start(self, payload_id: int, total: int, body: memoryview) -> tuple[int, bytearray] | None:
+    def _start(self, payload_id: int, total: int, body: memoryview) -> tuple[int, memoryview] | None:
         """Check a payload's declaration completely, and only then allocate its buffer."""
         if len(body) != DIGEST_BYTES:
             raise FramingError(f"{self._peer}: START body is {len(body)} bytes, expected a {DIGEST_BYTES}-byte digest")
@@ -185,7 +186,7 @@ class PayloadDecoder:
                 payload_id,
             )
         self._last_id = payload_id
-        incoming = _Incoming(bytearray(total), 0, bytes(body), _digest())
+        incoming = _Incoming(byte_buffer(total), 0, bytes(body), _digest())
         self._incoming[payload_id] = incoming
         return self._complete(payload_id) if total == 0 else None
 
@@ -200,17 +201,17 @@ class PayloadDecoder:
         incoming = self._incoming.get(payload_id)
         if incoming is None or size <= 0 or offset != incoming.received or offset + size > len(incoming.buffer):
             return None
-        return memoryview(incoming.buffer)[offset : offset + size]
+        return incoming.buffer[offset : offset + size]
 
-    def chunk_filled(self, payload_id: int, offset: int, body: memoryview) -> tuple[int, bytearray] | None:
+    def chunk_filled(self, payload_id: int, offset: int, body: memoryview) -> tuple[int, memoryview] | None:
         """The view from :meth:`chunk_target` now holds the chunk's body: hash it and move on, as feed()."""
         incoming = self._incoming.get(payload_id)
-        if incoming is None or incoming.received != offset or body.obj is not incoming.buffer:
+        if incoming is None or incoming.received != offset or body.obj is not incoming.buffer.obj:
             # Discarded while its body was read (restarted on another path, link closing): as feed() says.
             raise FramingError(f"{self._peer}: chunk for payload {payload_id}, which is not in progress")
         return self._accept_chunk(payload_id, incoming, body)
 
-    def _chunk(self, payload_id: int, offset: int, body: memoryview) -> tuple[int, bytearray] | None:
+    def _chunk(self, payload_id: int, offset: int, body: memoryview) -> tuple[int, memoryview] | None:
         """Append a chunk in order; any inconsistency discards this payload only."""
         incoming = self._incoming.get(payload_id)
         if incoming is None:
@@ -229,12 +230,12 @@ class PayloadDecoder:
         incoming.buffer[offset : offset + len(body)] = body
         return self._accept_chunk(payload_id, incoming, body)
 
-    def _accept_chunk(self, payload_id: int, incoming: _Incoming, body: memoryview) -> tuple[int, bytearray] | None:
+    def _accept_chunk(self, payload_id: int, incoming: _Incoming, body: memoryview) -> tuple[int, memoryview] | None:
         incoming.hasher.update(body)
         incoming.received += len(body)
         return self._complete(payload_id) if incoming.received == len(incoming.buffer) else None
 
-    def _complete(self, payload_id: int) -> tuple[int, bytearray]:
+    def _complete(self, payload_id: int) -> tuple[int, memoryview]:
         """Verify the checksum of a fully received payload and hand it over."""
         incoming = self._incoming.pop(payload_id)
         if incoming.hasher.digest() != incoming.expected_digest:

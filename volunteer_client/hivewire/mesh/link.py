@@ -107,7 +107,7 @@ class _Outgoing:
     """A payload sent and not yet released; ``stream`` is the direct stream it went over (None: data channel),
     and ``data`` is kept only then, to send it again if that stream drops."""
 
-    data: bytes | None
+    data: bytes | bytearray | memoryview | None
     stream: DirectStream | None
 
 
@@ -148,7 +148,7 @@ class Link:
         self._loop = asyncio.get_running_loop()
         self._last_heard = self._loop.time()
         self._records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._payloads: asyncio.Queue[tuple[int, bytearray]] = asyncio.Queue()
+        self._payloads: asyncio.Queue[tuple[int, memoryview]] = asyncio.Queue()
         self._wake_sender = asyncio.Event()  # set on bufferedamountlow, on credit returned, on close
         self._send_lock = asyncio.Lock()
         self._payload_ids = itertools.count(1)
@@ -298,13 +298,14 @@ class Link:
             while True:
                 yield await self.recv_control()
 
-    async def send_payload(self, data: bytes | bytearray | memoryview) -> int:
+    async def send_payload(self, data: bytes | bytearray | memoryview, *, borrow: bool = False) -> int:
         """Send one payload; return its id once every frame is in the channel's or the stream's buffer.
 
         Waits for receiver credit and for the buffer to drain, so at most ``buffer_high_bytes`` (data
         channel) or ``write_buffer_bytes`` (direct stream) plus one frame are queued. Payloads go out one at
-        a time, in id order. Over the direct stream a ``bytes`` payload is kept by reference, anything else
-        copied, until the peer releases it: the stream may drop, and then it goes again over the channel.
+        a time, in id order. Over the direct stream the payload is kept until the peer releases it (the
+        stream may drop, and then it goes again over the channel): by reference if it is ``bytes`` or if
+        ``borrow`` (the caller promises not to change it meanwhile), else as a copy.
         """
         async with self._send_lock:
             await self._resend_lost()
@@ -320,7 +321,7 @@ class Link:
             started = self._loop.time()
             stream = self._direct
             if stream is not None and all(entry.stream is not None for entry in self._outgoing.values()):
-                kept = data if isinstance(data, bytes) else bytes(data)
+                kept = data if borrow or isinstance(data, bytes) else bytes(data)
                 self._outgoing[payload_id] = _Outgoing(kept, stream)
                 try:
                     await stream.send_parts(frame_parts(payload_id, kept, self._max_frame_bytes))
@@ -377,7 +378,7 @@ class Link:
             logger.info("flush: %d payload(s) to %s still unreleased", len(self._outgoing), self.peer)
         return not self._outgoing
 
-    async def recv_payload(self) -> tuple[int, bytearray]:
+    async def recv_payload(self) -> tuple[int, memoryview]:
         """The next complete, checksum-verified payload as ``(payload_id, data)``; LinkError once closed.
 
         Taking a payload returns its credit to the sender.
@@ -394,7 +395,7 @@ class Link:
                 logger.warning("could not return credit for payload %d to %s: %s", payload_id, self.peer, exc)
         return payload_id, data
 
-    async def payloads(self) -> AsyncIterator[tuple[int, bytearray]]:
+    async def payloads(self) -> AsyncIterator[tuple[int, memoryview]]:
         """Iterate over verified payloads until the link closes."""
         with contextlib.suppress(LinkError):
             while True:
@@ -539,10 +540,12 @@ class Link:
                     return
                 if kind == KIND_START:
                     # The sender starts a payload again on another path only after it gave up on the first:
-                    # a partial copy left there would hold a slot that the new copy needs.
-                    for other in self._decoders:
+                    # a partial copy left there would hold a slot that the new copy needs, and the later
+                    # payloads still buffered on that path must not complete ahead of this one.
+                    for other in list(self._decoders):
                         if other is not decoder and other.discard(payload_id):
                             logger.info("%s restarted payload %d on another path", self.peer, payload_id)
+                            self._abandon_stream_of(other, payload_id)
                     if len(self._recv_started) >= 4 * self.settings.framing.max_incoming_payloads:
                         self._recv_started.clear()  # entries of refused payloads; never more than a few
                     self._recv_started[payload_id] = self._loop.time()
@@ -554,6 +557,13 @@ class Link:
         if done is not None:
             self._deliver(decoder, done)
 
+    def _abandon_stream_of(self, decoder: PayloadDecoder, payload_id: int) -> None:
+        """Stop reading the direct stream ``decoder`` belongs to: its sender gave it up (restarted
+        ``payload_id`` elsewhere), so what it still delivers would overtake the payloads sent again."""
+        for stream, owned in list(self._stream_decoders.items()):
+            if owned is decoder:
+                stream.abort(f"the peer restarted payload {payload_id} over WebRTC")
+
     def _refused_frame(self, exc: FramingError) -> None:
         self.stats.frames_refused += 1
         self._log_refusal(self.stats.frames_refused, "bulk frame", exc)
@@ -564,7 +574,7 @@ class Link:
                     {"type": "bulk_refused", "payload_id": exc.payload_id, "reason": str(exc)[:_REASON_CHARS]}
                 )
 
-    def _deliver(self, decoder: PayloadDecoder, done: tuple[int, bytearray]) -> None:
+    def _deliver(self, decoder: PayloadDecoder, done: tuple[int, memoryview]) -> None:
         """A complete, verified payload: queue it for the consumer, once, in id order."""
         payload_id, data = done
         if payload_id <= self._highest_delivered:  # it completed on the other path first
