@@ -61,13 +61,17 @@ def test_memory_is_not_reused_while_anything_made_from_the_buffer_lives(derive) 
 
 
 def test_float_arrays_come_from_the_pool_and_small_buffers_do_not() -> None:
-    array = buffers.float_array(buffers.MIN_POOLED_BYTES, np.float32)
-    assert array.dtype == np.float32 and array.shape == (buffers.MIN_POOLED_BYTES,) and not array.any()
+    array = buffers.empty_float_array(buffers.MIN_POOLED_BYTES, np.float32)
+    assert array.dtype == np.float32 and array.shape == (buffers.MIN_POOLED_BYTES,) and array.flags.writeable
+    array[:] = 7.0
     del array
     small = buffers.byte_buffer(buffers.MIN_POOLED_BYTES - 1)
-    del small
+    tiny = buffers.empty_float_array(3, np.float64)
+    assert tiny.shape == (3,)
+    del small, tiny
     gc.collect()
     assert buffers.idle_bytes() == 4 * buffers.MIN_POOLED_BYTES
+    assert bytes(buffers.byte_buffer(4 * buffers.MIN_POOLED_BYTES)) == bytes(4 * buffers.MIN_POOLED_BYTES)
 
 
 def test_idle_memory_is_bounded_dropping_the_least_recently_freed(monkeypatch: pytest.MonkeyPatch) -> None:

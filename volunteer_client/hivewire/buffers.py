@@ -65,14 +65,14 @@ def idle_bytes() -> int:
     return _POOL.idle_bytes
 
 
-def _anchor(size: int) -> ctypes.Array[ctypes.c_uint8]:
-    """``size`` zero bytes in an object every view of them refers to: numpy collapses a view's ``base`` to the
+def _anchor(size: int, *, zeroed: bool) -> ctypes.Array[ctypes.c_uint8]:
+    """``size`` bytes in an object every view of them refers to: numpy collapses a view's ``base`` to the
     array owning the memory, so an ndarray could die while views of it live on; a ctypes array is opaque to
     numpy, and it alone refers to the pooled block. Once it dies the block is free for the next buffer."""
     block = _POOL.take(size)
     if block is None:
         block = np.zeros(size, dtype=np.uint8)
-    else:
+    elif zeroed:
         block.fill(0)
     anchor = (ctypes.c_uint8 * size).from_buffer(block)
     weakref.finalize(anchor, _POOL.give_back, block)
@@ -83,10 +83,14 @@ def byte_buffer(size: int) -> memoryview:
     """``size`` zero bytes, writable, one-dimensional (format ``B``); large ones reuse freed memory."""
     if size < MIN_POOLED_BYTES:
         return memoryview(np.zeros(size, dtype=np.uint8))
-    return memoryview(_anchor(size)).cast("B")
+    return memoryview(_anchor(size, zeroed=True)).cast("B")
 
 
-def float_array(numel: int, dtype: np.dtype | type) -> np.ndarray:
-    """A 1-D array of ``numel`` zeros of ``dtype`` (float32 or float64), from the same pool."""
+def empty_float_array(numel: int, dtype: np.dtype | type) -> np.ndarray:
+    """A 1-D array of ``numel`` uninitialised values of ``dtype`` (float32 or float64), from the same pool:
+    for results the caller writes in full (a reused block still holds an earlier round's values)."""
     dtype = np.dtype(dtype)
-    return np.frombuffer(byte_buffer(numel * dtype.itemsize), dtype=dtype)
+    size = numel * dtype.itemsize
+    if size < MIN_POOLED_BYTES:
+        return np.empty(numel, dtype=dtype)
+    return np.frombuffer(memoryview(_anchor(size, zeroed=False)).cast("B"), dtype=dtype)

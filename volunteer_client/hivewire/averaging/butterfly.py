@@ -42,7 +42,7 @@ from hivewire.averaging.messages import HEADER as MESSAGE_HEADER
 from hivewire.averaging.messages import KIND_PART, KIND_RESULT, encode_message, parse_message, round_tag
 from hivewire.averaging.partition import Partition, plan_partition
 from hivewire.averaging.transport import GroupTransport
-from hivewire.buffers import float_array
+from hivewire.buffers import empty_float_array
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def weighted_mean(parts: Sequence[torch.Tensor], scales: Sequence[float], diviso
     float64 intermediates never leave the cache; the mean itself goes into a pooled buffer (buffers.py).
     """
     arrays = [part.numpy() for part in parts]
-    out = float_array(arrays[0].size, arrays[0].dtype)
+    out = empty_float_array(arrays[0].size, arrays[0].dtype)
     accumulator = np.empty(min(_MEAN_BLOCK, out.size), dtype=np.float64)
     term = np.empty_like(accumulator)
     for start in range(0, out.size, _MEAN_BLOCK):
@@ -216,7 +216,14 @@ class _Round:
             await self._wait_until(self._gather_complete, self.gather_deadline)
             for task in [*readers, *self.sends]:
                 task.cancel()
-        return self._finish()
+        try:
+            return self._finish()
+        finally:
+            # The tasks refer back to this round, so its buffers would wait for the cyclic garbage collector;
+            # dropped now, their memory serves the next round at once (hivewire/buffers.py).
+            self.parts.clear()
+            self.results.clear()
+            self.sends.clear()
 
     def _encode_part(self, peer: str) -> Callable[[], memoryview]:
         shard = self.partition.index(peer)
@@ -381,7 +388,7 @@ class _Round:
             detail = "no RESULT within reduce_timeout_s + gather_timeout_s; kept local values for its shard"
             self._exclude(peer, Cause.MISSED_GATHER_DEADLINE, detail)
         members = self.partition.members
-        out = torch.from_numpy(float_array(self.flat.numel(), self.flat.numpy().dtype))
+        out = torch.from_numpy(empty_float_array(self.flat.numel(), self.flat.numpy().dtype))
         contributors: dict[str, tuple[str, ...]] = {}
         for index, member in enumerate(members):
             shard = self.partition.slice(index)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hivewire.averaging.errors import PartRejected
-from hivewire.buffers import byte_buffer, float_array
+from hivewire.buffers import byte_buffer, empty_float_array
 
 CODEC_VERSION = 1
 HEADER = struct.Struct("<BBBBQI")
@@ -184,7 +184,7 @@ class Float16Compression(Codec):
             out[start:stop] = clamped[: stop - start]
 
     def _decode_body(self, body: memoryview, numel: int, dtype: np.dtype) -> np.ndarray:
-        values = float_array(numel, dtype.newbyteorder("="))
+        values = empty_float_array(numel, dtype.newbyteorder("="))
         values[:] = np.frombuffer(body, dtype="<f2", count=numel)
         return values
 
@@ -237,7 +237,7 @@ class BlockwiseInt8Compression(Codec):
         if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # NaN fails both comparisons
             raise PartRejected(f"int8 part scales must be in 0..{_MAX_SCALE:g} (absmax/127); some of {blocks} are not")
         quantized = np.frombuffer(body, dtype=np.int8, count=numel, offset=4 * blocks)
-        values = float_array(numel, dtype.newbyteorder("="))
+        values = empty_float_array(numel, dtype.newbyteorder("="))
         for first, last, start, stop in self._steps(numel):
             chunk = quantized[start:stop].astype(np.float32)
             step_scales = np.repeat(scales[first:last].astype(np.float32), self.block_size)[: stop - start]
