@@ -321,3 +321,33 @@ def test_the_measured_throughput_is_the_best_sound_link_rate(rates: dict[str, ob
 def test_a_transport_without_links_measures_nothing() -> None:
     bare = SimpleNamespace(peer_id="a", neighbours=["b"])  # sends and hears records, holds no Links
     assert measured_throughput(bare) == 0.0  # type: ignore[arg-type]
+
+
+async def test_matchmaking_waits_briefly_for_a_peer_one_epoch_behind(make_tracker: MakeTracker) -> None:
+    """Two peers: a's round answer came first, so a is at epoch 2 while b's record still says 1. The view
+    then ties and goes to epoch 2, whose peers are a alone; waiting for b's announcement avoids a lonely round."""
+    a, b, _ = await linked_pair(make_tracker, Clock(NOW))
+    a.report(epoch=1, samples_accumulated=0, samples_per_second=1.0)
+    b.report(epoch=1, samples_accumulated=0, samples_per_second=1.0)
+    await eventually(lambda: b.peer_id in a.records() and a.records()[b.peer_id].epoch == 1, "a hearing of b")
+    a.report(epoch=2, samples_accumulated=0, samples_per_second=1.0)
+    assert a.view().peers == (a.peer_id,), "the lonely view this wait exists for"
+    waiting = asyncio.create_task(a.wait_for_round_peers(2, timeout_s=30.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    b.report(epoch=2, samples_accumulated=0, samples_per_second=1.0)  # announced at once
+    view = await asyncio.wait_for(waiting, 10.0)
+    assert view.epoch == 2 and view.peers == tuple(sorted((a.peer_id, b.peer_id)))
+
+
+async def test_the_wait_for_a_peer_one_epoch_behind_is_bounded(make_tracker: MakeTracker) -> None:
+    a, b, _ = await linked_pair(make_tracker, Clock(NOW))
+    b.report(epoch=4, samples_accumulated=0, samples_per_second=1.0)
+    await eventually(lambda: b.peer_id in a.records() and a.records()[b.peer_id].epoch == 4, "a hearing of b")
+    a.report(epoch=5, samples_accumulated=0, samples_per_second=1.0)
+    waiting = asyncio.create_task(a.wait_for_round_peers(5, timeout_s=0.5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    view = await asyncio.wait_for(waiting, 10.0)
+    assert view.peers == (a.peer_id,)  # b stayed behind: matchmaking goes on without it
+    assert (await a.wait_for_round_peers(7, timeout_s=30.0)).epoch == 5, "nobody one epoch behind 7: no wait"

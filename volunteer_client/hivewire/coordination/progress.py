@@ -282,6 +282,23 @@ class ProgressTracker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(view.eta_s, announce_interval_s(view, self.settings)))
 
+    async def wait_for_round_peers(self, epoch: int, timeout_s: float) -> GlobalProgress:
+        """The view to matchmake ``epoch`` from, once no live peer's record is one epoch behind, or after
+        ``timeout_s``. Such a peer has almost always just finished the previous round with us and announces
+        ``epoch`` a moment later; matchmaking before that leaves it, and perhaps us, alone in the round (with
+        two peers the view's tie goes to the higher epoch, whose peers are only us)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            changed = self._changed
+            view = self.view()
+            lagging = [peer for peer, record in self.records().items() if record.epoch == epoch - 1]
+            remaining = deadline - loop.time()
+            if not lagging or remaining <= 0:
+                return view
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()

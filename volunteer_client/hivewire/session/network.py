@@ -69,6 +69,9 @@ CATCH_UP_INTERVAL_S = 0.25  # how often we check whether the run moved past our 
 MAX_DONORS = 4  # neighbours a late joiner downloads the state from at once
 LOADED_TIMEOUT_S = 10.0  # after handing the trainer a state, wait this long for it to report that epoch
 LINGER_S = 5.0  # at most this long for the neighbours to take what we sent them before the links close
+# Before matchmaking, wait at most this long for peers whose record is one epoch behind (they just finished
+# the previous round with us and are about to say so).
+ROUND_PEERS_WAIT_S = 3.0
 PROBE_INTERVAL_S = 10.0  # `hivewire doctor` throughput probes taken at most this often (each <= 8 MiB, 9 s)
 _POLL_S = 0.1  # for conditions that other tasks change (gossip, the trainer's reports)
 
@@ -304,7 +307,7 @@ class NetworkSide:
         async with self._bulk:
             if await self._skip_past(request):
                 return
-            view = self.tracker.view()
+            view = await self.tracker.wait_for_round_peers(request.epoch, ROUND_PEERS_WAIT_S)
             peers = view.peers if view.epoch == request.epoch else (self.me,)
             group = await self._matchmake(request.epoch, peers)
             if isinstance(group, str):
