@@ -291,11 +291,10 @@ class ProgressTracker:
         deadline = loop.time() + timeout_s
         while True:
             changed = self._changed
-            view = self.view()
-            lagging = [peer for peer, record in self.records().items() if record.epoch == epoch - 1]
+            lagging = any(record.epoch == epoch - 1 for record in self.records().values())
             remaining = deadline - loop.time()
             if not lagging or remaining <= 0:
-                return view
+                return self.view()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
 
