@@ -87,16 +87,19 @@ def part_message(
     *,
     weight: float = 1.0,
     shard: int | None = None,
+    chunk: int = 0,
     round_id: str = ROUND,
     codec: Codec | None = None,
 ) -> bytes:
-    """A PART as an honest member would send it to ``reducer``, with fields a test can falsify."""
+    """A PART as an honest member would send it to ``reducer`` (its shard in one chunk, as under the default
+    chunking for small tensors), with fields a test can falsify."""
     partition = plan_partition(numel, throughputs)
     index = partition.index(reducer)
     return bytes(
         encode_message(
             KIND_PART,
             shard=index if shard is None else shard,
+            chunk=chunk,
             tag=round_tag(round_id),
             weight=weight,
             contributors=0,

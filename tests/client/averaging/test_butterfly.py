@@ -83,7 +83,7 @@ async def test_parts_follow_throughput_and_a_zero_throughput_member_only_sends()
         assert report.partition.sizes == (10_000, 30_000, 0)
         assert set(report.contributors) == {"a", "b"}
     received = {member: report.bytes_received for member, (_, report) in results.items()}
-    overhead = 32 + 16  # message header + codec header
+    overhead = 36 + 16  # message header + codec header (each shard here is one chunk)
     assert received["a"] == 2 * (4 * 10_000 + overhead) + (4 * 30_000 + overhead)  # two parts of its shard, b's mean
     assert received["b"] == 2 * (4 * 30_000 + overhead) + (4 * 10_000 + overhead)
     assert received["c"] == 4 * 40_000 + 2 * overhead  # the two means only: it reduces nothing
@@ -207,6 +207,7 @@ def _garbage(kind: str, numel: int, reducer: str) -> list[bytes]:
         "wrong-shard": [part_message(throughputs, numel, reducer, good, shard=2)],
         "wrong-codec": [part_message(throughputs, numel, reducer, good, codec=Float16Compression())],
         "bad-magic": [b"EVIL" + part[len(MAGIC) :]],
+        "old-version": [part[: len(MAGIC)] + bytes([1]) + part[len(MAGIC) + 1 :]],  # before chunks
         "truncated": [part[:20]],
         "lying-numel": [part[:40] + (numel // 3 + 1).to_bytes(8, "little") + part[48:]],
         "twice": [part, part],
@@ -224,6 +225,7 @@ GARBAGE = {
     "wrong-shard": "PART for shard 2",
     "wrong-codec": "codec must be 0",
     "bad-magic": "must start with",
+    "old-version": "message version must be 2, got 1",
     "truncated": "shorter than",
     "lying-numel": "must hold",
     "twice": "a second PART",

@@ -1,34 +1,42 @@
-"""Butterfly all-reduce inside one group: reduce-scatter, then all-gather, with deadlines and exclusions.
+"""Butterfly all-reduce inside one group: reduce-scatter, then all-gather, pipelined by chunks, with deadlines.
 
-The flat tensor is split by ``plan_partition``; member i reduces shard i. Stage 1 (reduce): every member
-sends each reducer its values for that reducer's shard (a PART carrying its weight, the samples it
-contributed); a reducer averages the parts it has, weighted, once all arrived or at ``reduce_timeout_s``.
-Stage 2 (gather): each reducer sends its mean back to every member (a RESULT); a member waits for them
-until ``gather_timeout_s`` after the reduce deadline. Each member sends and receives about
-2·(n−1)/n of the tensor in all, the bandwidth-optimal amount.
+The flat tensor is split by ``plan_partition``; member i reduces shard i, and each shard is cut into chunks
+(``plan_chunks``). Stage 1 (reduce): every member sends each reducer its values for that reducer's shard,
+chunk by chunk (PARTs carrying its weight, the samples it contributed); a reducer averages chunk j, weighted,
+as soon as every member's chunk j arrived (or at ``reduce_timeout_s``) and at once sends the mean back to
+every member (stage 2, gather: RESULTs), while later chunks are still on their way. A member waits for the
+RESULTs until ``gather_timeout_s`` after the reduce deadline. Each member sends and receives about
+2·(n−1)/n of the tensor in all, the bandwidth-optimal amount; the pipeline keeps both directions of every
+link busy, where two whole stages left each link idle one way at a time and the gather waited for the
+slowest part (gloo's ring pipelines its steps the same way).
 
-What each member gets (codec ``none``): on every shard whose reducer delivered, the same bits on every
+What each member gets (codec ``none``): on every chunk whose reducer delivered, the same bits on every
 member: Σ wᵢ·xᵢ accumulated in float64 in sorted member order, divided by Σ wᵢ, rounded to the tensor's
-dtype. With ``fp16``/``int8`` every member still gets the same bits, since the reducer decodes the very
-bytes it sends, within the codec's error (compression.py) per hop.
+dtype (the same bits whatever the chunking). With ``fp16``/``int8`` every member still gets the same bits,
+since the reducer decodes the very bytes it sends, within the codec's error (compression.py) per hop.
 
 Failures never hang the round, which ends by ``reduce_timeout_s + gather_timeout_s`` at the latest:
 
-* a member that sends anything wrong (bad header, wrong shard or size, dtype, NaN/Inf, a second PART,
-  oversize) is cut off: nothing more is read from it, no RESULT goes to it, and its part is dropped
-  unless this member had already averaged it;
-* a member whose link is lost is cut off too, but a part it delivered before counts;
-* a PART that misses the reduce deadline is left out: the reducer re-normalises over the weights it has;
-* a shard whose reducer is cut off or misses the gather deadline keeps this member's own values. No
-  retry inside the round: a retry needs all survivors to agree on who failed, which is matchmaking's job;
-  the report's ``kept_local``/``averaged_fraction`` tell the caller whether to run a round without them.
+* a member that sends anything wrong (bad header, wrong shard, chunk, size, dtype or weight, NaN/Inf, a
+  chunk twice, oversize) is cut off: nothing more is read from it, no RESULT goes to it, and its chunks
+  are dropped unless this member had already averaged them;
+* a member whose link is lost is cut off too, but the chunks it delivered count;
+* a member whose PART chunks miss the reduce deadline is left out of the chunks still missing: the
+  reducer re-normalises over the weights it has;
+* chunks whose reducer is cut off or misses the gather deadline keep this member's own values. No retry
+  inside the round: a retry needs all survivors to agree on who failed, which is matchmaking's job; the
+  report's ``kept_local``/``averaged_fraction`` tell the caller whether to run a round without them.
 
-The report says who contributed to each averaged shard, who was excluded, at which stage and why.
+The report says who contributed to each averaged shard (the members in every chunk of it this member got,
+and the smallest total weight among those chunks: the two differ between chunks only in a round that
+excluded someone), who was excluded, at which stage and why.
 """
 
 import asyncio
+import functools
 import logging
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -40,7 +48,7 @@ from hivewire.averaging.compression import Codec
 from hivewire.averaging.errors import PartRejected, PeerUnreachable
 from hivewire.averaging.messages import HEADER as MESSAGE_HEADER
 from hivewire.averaging.messages import KIND_PART, KIND_RESULT, encode_message, parse_message, round_tag
-from hivewire.averaging.partition import Partition, plan_partition
+from hivewire.averaging.partition import Partition, plan_chunks, plan_partition
 from hivewire.averaging.transport import GroupTransport
 from hivewire.buffers import empty_float_array
 
@@ -71,10 +79,17 @@ class ButterflySettings:
     reduce_timeout_s: float = 30.0  # from the round's start until a reducer averages the parts it has
     gather_timeout_s: float = 30.0  # after the reduce deadline, until a member gives up on missing results
     max_weight: float = 1e12  # the largest weight (sample count) a member may claim
+    # The pipeline's grain (partition.plan_chunks): about this many chunks per shard, each of this many
+    # elements at least (per-message costs) and at most (a reducer returns chunk j while later ones travel).
+    chunks_per_shard: int = 8
+    min_chunk_elements: int = 2**16  # 256 KiB of float32
+    max_chunk_elements: int = 2**20  # 4 MiB of float32
 
     def __post_init__(self) -> None:
         if not (self.reduce_timeout_s > 0 and self.gather_timeout_s > 0 and self.max_weight > 0):
             raise ValueError(f"timeouts and max_weight must be > 0, got {self}")
+        if not (self.chunks_per_shard >= 1 and 1 <= self.min_chunk_elements <= self.max_chunk_elements):
+            raise ValueError(f"need chunks_per_shard >= 1 and 1 <= min_chunk_elements <= max_chunk_elements: {self}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,31 @@ def weighted_mean(parts: Sequence[torch.Tensor], scales: Sequence[float], diviso
     return torch.from_numpy(out)
 
 
+def _chunk_slices(partition: Partition, index: int, settings: ButterflySettings) -> list[slice]:
+    """Where each chunk of shard ``index`` lies in the flat tensor."""
+    start = partition.slice(index).start
+    slices = []
+    for size in plan_chunks(
+        partition.sizes[index],
+        target_chunks=settings.chunks_per_shard,
+        min_elements=settings.min_chunk_elements,
+        max_elements=settings.max_chunk_elements,
+    ):
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def _check_chunk(kind: str, chunk: int, expected: int, count: int) -> None:
+    """Each kind's chunks come in index order, each once: PartRejected for any other."""
+    if chunk < expected:
+        raise PartRejected(f"a second {kind} for chunk {chunk} in one round")
+    if chunk >= count:
+        raise PartRejected(f"{kind} chunk {chunk} beyond the shard's {count} chunks")
+    if chunk != expected:
+        raise PartRejected(f"{kind} chunk {chunk} out of order: chunk {expected} was due")
+
+
 class _Round:
     """One member's state in one round; its tasks live in one TaskGroup and end with the round."""
 
@@ -189,15 +229,22 @@ class _Round:
         self.transport, self.codec, self.settings = transport, codec, settings
         self.tag = round_tag(round_id)
         self.index = partition.index(me)
-        self.my_size = partition.sizes[self.index]
         self.others = [member for member in partition.members if member != me]
         self.reducers = [member for member in self.others if partition.size(member) > 0]
-        self.parts: dict[str, tuple[float, torch.Tensor]] = {me: (weight, flat[partition.slice(self.index)])}
-        self.results: dict[str, tuple[torch.Tensor, int, float]] = {}  # reducer -> (mean, mask, total weight)
+        self.chunks = [_chunk_slices(partition, index, settings) for index in range(len(partition.members))]
+        self.my_chunks = self.chunks[self.index]
+        self.out = torch.from_numpy(empty_float_array(flat.numel(), flat.numpy().dtype))
+        self.weights: dict[str, float] = {me: weight}  # each member's PART weight, from its first chunk
+        self.parts: dict[str, list[torch.Tensor | None]] = {}  # member -> its PART chunks, None once reduced
+        self.dropped: set[str] = set()  # members whose chunks not yet reduced no longer count (bad messages)
+        self.masks: dict[str, list[int]] = {}  # reducer -> contributors of each RESULT chunk in so far
+        self.totals: dict[str, list[float]] = {}  # reducer -> total weight of each RESULT chunk in so far
         self.excluded: dict[str, Exclusion] = {}
         self.cut: set[str] = set()  # nothing more is read from or sent to these
-        self.reduced = False
-        self.sends: dict[asyncio.Task[None], str] = {}
+        self.outboxes: dict[str, asyncio.Queue[Callable[[], memoryview]]] = {
+            peer: asyncio.Queue() for peer in self.others
+        }
+        self.unsent = dict.fromkeys(self.others, 0)  # messages queued or being sent, per member
         self.changed = asyncio.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -209,12 +256,15 @@ class _Round:
 
     async def run(self) -> tuple[torch.Tensor, RoundReport]:
         async with asyncio.TaskGroup() as tasks:
-            readers = [tasks.create_task(self._read(peer)) for peer in self.others]
+            workers = [tasks.create_task(self._read(peer)) for peer in self.others]
+            workers += [tasks.create_task(self._send(peer)) for peer in self.others]
             for peer in self.reducers:
-                self._spawn_send(tasks, peer, self._encode_part(peer))
-            await self._reduce(tasks)
+                shard = self.partition.index(peer)
+                for chunk in range(len(self.chunks[shard])):
+                    self._enqueue(peer, functools.partial(self._encode_part, shard, chunk))
+            await self._reduce()
             await self._wait_until(self._gather_complete, self.gather_deadline)
-            for task in [*readers, *self.sends]:
+            for task in workers:
                 task.cancel()
         try:
             return self._finish()
@@ -222,37 +272,38 @@ class _Round:
             # The tasks refer back to this round, so its buffers would wait for the cyclic garbage collector;
             # dropped now, their memory serves the next round at once (hivewire/buffers.py).
             self.parts.clear()
-            self.results.clear()
-            self.sends.clear()
+            self.outboxes.clear()
+            del self.out
 
-    def _encode_part(self, peer: str) -> Callable[[], memoryview]:
-        shard = self.partition.index(peer)
+    def _encode_part(self, shard: int, chunk: int) -> memoryview:
+        return encode_message(
+            KIND_PART,
+            shard=shard,
+            chunk=chunk,
+            tag=self.tag,
+            weight=self.weights[self.me],
+            contributors=0,
+            codec=self.codec,
+            values=self.flat[self.chunks[shard][chunk]],
+        )
 
-        def encode() -> memoryview:
-            return encode_message(
-                KIND_PART,
-                shard=shard,
-                tag=self.tag,
-                weight=self.parts[self.me][0],
-                contributors=0,
-                codec=self.codec,
-                values=self.flat[self.partition.slice(shard)],
-            )
+    def _enqueue(self, peer: str, message: Callable[[], memoryview]) -> None:
+        self.unsent[peer] += 1
+        self.outboxes[peer].put_nowait(message)
 
-        return encode
-
-    def _spawn_send(self, tasks: asyncio.TaskGroup, peer: str, message: Callable[[], memoryview]) -> None:
-        self.sends[tasks.create_task(self._send(peer, message))] = peer
-
-    async def _send(self, peer: str, message: Callable[[], memoryview]) -> None:
-        data = message()
-        try:
-            await self.transport.send(peer, data)
-        except PeerUnreachable as exc:
-            self._cut(peer, Cause.CONNECTION_LOST, f"send failed: {exc}")
-            return
-        self.bytes_sent += len(data)
-        self.changed.set()
+    async def _send(self, peer: str) -> None:
+        """Send ``peer`` its messages in the order they were queued, each encoded only when its turn comes."""
+        outbox = self.outboxes[peer]
+        while True:
+            data = (await outbox.get())()
+            try:
+                await self.transport.send(peer, data)
+            except PeerUnreachable as exc:
+                self._cut(peer, Cause.CONNECTION_LOST, f"send failed: {exc}")
+                return
+            self.bytes_sent += len(data)
+            self.unsent[peer] -= 1
+            self.changed.set()
 
     async def _read(self, peer: str) -> None:
         """Read messages from ``peer`` until it has sent all this member expects from it, or is cut off."""
@@ -275,8 +326,9 @@ class _Round:
     def _expects_from(self, peer: str) -> bool:
         if peer in self.cut:
             return False
-        part_due = self.my_size > 0 and not self.reduced and peer not in self.parts
-        return part_due or (peer in self.reducers and peer not in self.results)
+        part_due = peer not in self.excluded and len(self.parts.get(peer, ())) < len(self.my_chunks)
+        shard_chunks = len(self.chunks[self.partition.index(peer)])
+        return part_due or len(self.masks.get(peer, ())) < shard_chunks
 
     def _accept(self, peer: str, data: bytes | bytearray | memoryview) -> None:
         """Check one message from ``peer`` and keep what it carries; PartRejected if anything is wrong."""
@@ -285,17 +337,23 @@ class _Round:
             logger.debug("round %s: dropped a message of another round from %s", self.round_id, peer)
             return
         if message.kind == KIND_PART:
-            if message.shard != self.index or self.my_size == 0:
+            if message.shard != self.index or not self.my_chunks:
                 raise PartRejected(
                     f"PART for shard {message.shard} ({self.partition.sizes[message.shard]} elements) sent to "
-                    f"{self.me}, which reduces shard {self.index} ({self.my_size} elements)"
+                    f"{self.me}, which reduces shard {self.index} ({self.partition.sizes[self.index]} elements)"
                 )
-            if peer in self.parts:
-                raise PartRejected("a second PART in one round")
-            if self.reduced:
-                return  # late: already excluded for missing the reduce deadline
-            values = self.codec.decode(message.body, expected_numel=self.my_size, expected_dtype=self.flat.dtype)
-            self.parts[peer] = (message.weight, values)
+            received = self.parts.setdefault(peer, [])
+            _check_chunk("PART", message.chunk, len(received), len(self.my_chunks))
+            if self.weights.setdefault(peer, message.weight) != message.weight:
+                raise PartRejected(f"PART weight changed from {self.weights[peer]!r} to {message.weight!r}")
+            if peer in self.excluded:
+                received.append(None)  # late: excluded at the reduce deadline; counted, never averaged
+                return
+            where = self.my_chunks[message.chunk]
+            values = self.codec.decode(
+                message.body, expected_numel=where.stop - where.start, expected_dtype=self.flat.dtype
+            )
+            received.append(values)
             return
         own_shard = self.partition.index(peer)
         if message.shard != own_shard or peer not in self.reducers:
@@ -303,25 +361,44 @@ class _Round:
                 f"RESULT for shard {message.shard} from {peer}, which reduces shard {own_shard} "
                 f"({self.partition.sizes[own_shard]} elements)"
             )
-        if peer in self.results:
-            raise PartRejected("a second RESULT in one round")
-        size = self.partition.sizes[own_shard]
-        values = self.codec.decode(message.body, expected_numel=size, expected_dtype=self.flat.dtype)
-        self.results[peer] = (values, message.contributors, message.weight)
+        masks = self.masks.setdefault(peer, [])
+        _check_chunk("RESULT", message.chunk, len(masks), len(self.chunks[own_shard]))
+        where = self.chunks[own_shard][message.chunk]
+        values = self.codec.decode(
+            message.body, expected_numel=where.stop - where.start, expected_dtype=self.flat.dtype
+        )
+        self.out[where] = values
+        masks.append(message.contributors)
+        self.totals.setdefault(peer, []).append(message.weight)
 
-    async def _reduce(self, tasks: asyncio.TaskGroup) -> None:
-        """Average this member's shard from the parts that came in time, then send the mean to everyone."""
-        if self.my_size == 0:
-            self.reduced = True
-            return
-        await self._wait_until(self._parts_complete, self.reduce_deadline)
-        self.reduced = True
-        for peer in self.others:
-            if peer not in self.parts:
-                detail = f"no PART within reduce_timeout_s={self.settings.reduce_timeout_s}"
-                self._exclude(peer, Cause.MISSED_REDUCE_DEADLINE, detail)
-        order = [member for member in self.partition.members if member in self.parts]
-        weights = [self.parts[member][0] for member in order]
+    async def _reduce(self) -> None:
+        """Average this member's shard chunk by chunk, each once its parts came (or at the reduce deadline),
+        sending every mean to everyone at once: later chunks still travel while earlier ones come back."""
+        for chunk in range(len(self.my_chunks)):
+            await self._wait_until(functools.partial(self._chunk_complete, chunk), self.reduce_deadline)
+            if not self._chunk_complete(chunk):
+                for peer in self.others:
+                    sent = len(self.parts.get(peer, ()))
+                    if sent <= chunk and peer not in self.excluded:
+                        detail = (
+                            f"{sent} of {len(self.my_chunks)} PART chunks within "
+                            f"reduce_timeout_s={self.settings.reduce_timeout_s}"
+                        )
+                        self._exclude(peer, Cause.MISSED_REDUCE_DEADLINE, detail)
+            self._reduce_chunk(chunk)
+
+    def _chunk_complete(self, chunk: int) -> bool:
+        return all(len(self.parts.get(peer, ())) > chunk or peer in self.excluded for peer in self.others)
+
+    def _reduce_chunk(self, chunk: int) -> None:
+        where = self.my_chunks[chunk]
+        parts = {member: self._part(member, chunk) for member in self.partition.members}
+        order = [member for member, part in parts.items() if part is not None]
+        values = [parts[member] for member in order]
+        for received in self.parts.values():
+            if len(received) > chunk:
+                received[chunk] = None  # reduced: its memory can go
+        weights = [self.weights[member] for member in order]
         total = sum(weights)
         divisor = total if total > 0 else float(len(order))  # all weights 0: a plain mean of what came
         scales = weights if total > 0 else [1.0] * len(order)
@@ -329,27 +406,37 @@ class _Round:
         message = encode_message(
             KIND_RESULT,
             shard=self.index,
+            chunk=chunk,
             tag=self.tag,
             weight=total,
             contributors=mask,
             codec=self.codec,
-            values=weighted_mean([self.parts[member][1] for member in order], scales, divisor),
+            values=weighted_mean(values, scales, divisor),
         )
         # Decode our own bytes so every member holds the very same values for this shard.
         body = message[MESSAGE_HEADER.size :]
-        mean = self.codec.decode(body, expected_numel=self.my_size, expected_dtype=self.flat.dtype)
-        self.results[self.me] = (mean, mask, total)
+        self.out[where] = self.codec.decode(
+            body, expected_numel=where.stop - where.start, expected_dtype=self.flat.dtype
+        )
+        self.masks.setdefault(self.me, []).append(mask)
+        self.totals.setdefault(self.me, []).append(total)
         for peer in self.others:
             if peer not in self.cut:
-                self._spawn_send(tasks, peer, lambda: message)
+                self._enqueue(peer, lambda: message)
 
-    def _parts_complete(self) -> bool:
-        return all(peer in self.parts or peer in self.excluded for peer in self.others)
+    def _part(self, member: str, chunk: int) -> torch.Tensor | None:
+        """``member``'s values for one chunk of our shard, if it delivered them and they count."""
+        if member == self.me:
+            return self.flat[self.my_chunks[chunk]]
+        received = self.parts.get(member, [])
+        return received[chunk] if len(received) > chunk and member not in self.dropped else None
 
     def _gather_complete(self) -> bool:
-        results_in = all(peer in self.results or peer in self.cut for peer in self.reducers)
-        sends_out = all(task.done() or peer in self.cut for task, peer in self.sends.items())
-        return results_in and sends_out
+        results_in = all(
+            len(self.masks.get(peer, ())) == len(self.chunks[self.partition.index(peer)]) or peer in self.cut
+            for peer in self.reducers
+        )
+        return results_in and all(self.unsent[peer] == 0 or peer in self.cut for peer in self.others)
 
     async def _wait_until(self, condition: Callable[[], bool], deadline: float) -> None:
         try:
@@ -361,10 +448,10 @@ class _Round:
             return
 
     def _cut(self, peer: str, cause: Cause, detail: str) -> None:
-        """Stop talking to ``peer``; drop its part unless it was sound and only the link failed."""
+        """Stop talking to ``peer``; its chunks not yet averaged are dropped unless only the link failed."""
         self.cut.add(peer)
-        if cause is Cause.BAD_MESSAGE and not self.reduced:
-            self.parts.pop(peer, None)
+        if cause is Cause.BAD_MESSAGE:
+            self.dropped.add(peer)
         self._exclude(peer, cause, detail)
         self.changed.set()
 
@@ -383,29 +470,33 @@ class _Round:
         )
 
     def _finish(self) -> tuple[torch.Tensor, RoundReport]:
-        kept_local = tuple(peer for peer in self.reducers if peer not in self.results)
+        members = self.partition.members
+        kept_local = tuple(
+            peer
+            for peer in self.reducers
+            if len(self.masks.get(peer, ())) < len(self.chunks[self.partition.index(peer)])
+        )
         for peer in kept_local:
             detail = "no RESULT within reduce_timeout_s + gather_timeout_s; kept local values for its shard"
             self._exclude(peer, Cause.MISSED_GATHER_DEADLINE, detail)
-        members = self.partition.members
-        out = torch.from_numpy(empty_float_array(self.flat.numel(), self.flat.numpy().dtype))
+        out = self.out
+        averaged = 0
         contributors: dict[str, tuple[str, ...]] = {}
         for index, member in enumerate(members):
-            shard = self.partition.slice(index)
-            if member in self.results:
-                values, mask, _ = self.results[member]
-                out[shard] = values
-                contributors[member] = tuple(peer for i, peer in enumerate(members) if mask >> i & 1)
-            else:
-                out[shard] = self.flat[shard]  # kept local (or an empty shard)
+            chunks, masks = self.chunks[index], self.masks.get(member, [])
+            for where in chunks[len(masks) :]:
+                out[where] = self.flat[where]  # kept local
+            averaged += sum(where.stop - where.start for where in chunks[: len(masks)])
+            if masks:
+                common = functools.reduce(operator.and_, masks)  # whose parts are in every chunk we got
+                contributors[member] = tuple(peer for i, peer in enumerate(members) if common >> i & 1)
         numel = self.flat.numel()
-        averaged = sum(self.partition.size(reducer) for reducer in self.results)
         report = RoundReport(
             round_id=self.round_id,
             me=self.me,
             partition=self.partition,
             contributors=contributors,
-            total_weight={reducer: total for reducer, (_, _, total) in self.results.items()},
+            total_weight={reducer: min(totals) for reducer, totals in self.totals.items()},
             excluded=dict(self.excluded),
             kept_local=kept_local,
             averaged_fraction=averaged / numel if numel else 1.0,

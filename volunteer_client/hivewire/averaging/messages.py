@@ -1,13 +1,17 @@
-"""The two averaging messages and their checks: a PART (stage 1) and a RESULT (stage 2).
+"""The two averaging messages and their checks: a PART (stage 1) and a RESULT (stage 2), one per chunk.
 
-Each message is one 32-byte header, little-endian, followed by an encoded part (compression.py)::
+Each message is one 36-byte header, little-endian, followed by an encoded chunk (compression.py)::
 
     magic "HWAV" | version u8 | kind u8 | shard u16 | round_tag 8 bytes | weight f64 | contributors u64
+    | chunk u32
 
-* PART (kind 1): a member's values for the shard it sends to that shard's reducer; ``weight`` is the
-  member's sample count, ``contributors`` is 0.
-* RESULT (kind 2): a reducer's weighted mean of its shard; ``weight`` is the total weight used,
-  ``contributors`` the bit mask (bit i = sorted member i) of whose parts went into it.
+* PART (kind 1): a member's values for one chunk of the shard it sends to that shard's reducer; ``weight``
+  is the member's sample count, ``contributors`` is 0.
+* RESULT (kind 2): a reducer's weighted mean of one chunk of its shard; ``weight`` is the total weight
+  used, ``contributors`` the bit mask (bit i = sorted member i) of whose parts went into it.
+
+``chunk`` is the chunk's index within its shard (partition.plan_chunks cuts shards into chunks); a sender
+sends each kind's chunks in index order, so a receiver expects exactly the next one.
 
 ``round_tag`` (8 bytes of BLAKE2b of the round id) tells this round's messages from a late one of an earlier
 round on the same link.
@@ -24,8 +28,8 @@ from hivewire.averaging.compression import Codec
 from hivewire.averaging.errors import PartRejected
 
 MAGIC = b"HWAV"
-MESSAGE_VERSION = 1
-HEADER = struct.Struct("<4sBBH8sdQ")
+MESSAGE_VERSION = 2  # 1 had no chunk field: one message per shard
+HEADER = struct.Struct("<4sBBH8sdQI")
 KIND_PART = 1
 KIND_RESULT = 2
 _KIND_NAMES = {KIND_PART: "PART", KIND_RESULT: "RESULT"}
@@ -45,15 +49,24 @@ class Message:
     tag: bytes
     weight: float
     contributors: int
+    chunk: int
     body: memoryview
 
 
 def encode_message(
-    kind: int, *, shard: int, tag: bytes, weight: float, contributors: int, codec: Codec, values: torch.Tensor
+    kind: int,
+    *,
+    shard: int,
+    chunk: int,
+    tag: bytes,
+    weight: float,
+    contributors: int,
+    codec: Codec,
+    values: torch.Tensor,
 ) -> memoryview:
     """One message: this header, then ``values`` encoded by ``codec``, in a single buffer."""
     data = codec.encode(values, reserve=HEADER.size)
-    HEADER.pack_into(data, 0, MAGIC, MESSAGE_VERSION, kind, shard, tag, weight, contributors)
+    HEADER.pack_into(data, 0, MAGIC, MESSAGE_VERSION, kind, shard, tag, weight, contributors, chunk)
     return data
 
 
@@ -67,7 +80,7 @@ def parse_message(data: bytes | bytearray | memoryview, *, group_size: int, max_
     view = memoryview(data).cast("B")
     if len(view) < HEADER.size:
         raise PartRejected(f"message shorter than its {HEADER.size}-byte header: {len(view)} bytes")
-    magic, version, kind, shard, tag, weight, contributors = HEADER.unpack_from(view)
+    magic, version, kind, shard, tag, weight, contributors, chunk = HEADER.unpack_from(view)
     if magic != MAGIC:
         raise PartRejected(f"message must start with {MAGIC!r}, got {bytes(magic)!r}")
     if version != MESSAGE_VERSION:
@@ -83,7 +96,7 @@ def parse_message(data: bytes | bytearray | memoryview, *, group_size: int, max_
         raise PartRejected(f"PART contributors field must be 0, got {contributors:#x}")
     if contributors >> group_size:
         raise PartRejected(f"RESULT contributors {contributors:#x} name members beyond the group of {group_size}")
-    return Message(kind, shard, bytes(tag), weight, contributors, view[HEADER.size :])
+    return Message(kind, shard, bytes(tag), weight, contributors, chunk, view[HEADER.size :])
 
 
 def kind_name(kind: int) -> str:

@@ -68,3 +68,22 @@ def plan_partition(numel: int, throughputs: Mapping[str, float]) -> Partition:
     for i in by_remainder[:leftover]:
         sizes[i] += 1
     return Partition(members=members, sizes=tuple(sizes))
+
+
+def plan_chunks(size: int, *, target_chunks: int, min_elements: int, max_elements: int) -> tuple[int, ...]:
+    """Cut a shard of ``size`` elements into the chunks the butterfly pipelines: their sizes, in order.
+
+    About ``target_chunks`` equal chunks, none smaller than ``min_elements`` (per-message costs) nor larger
+    than ``max_elements`` (the pipeline's grain), the last one possibly shorter; integer arithmetic only,
+    so every member cuts the same way. An empty shard has no chunks.
+    """
+    if not (target_chunks >= 1 and 1 <= min_elements <= max_elements):
+        raise ValueError(
+            f"need target_chunks >= 1 and 1 <= min_elements <= max_elements, got "
+            f"{target_chunks}, {min_elements}, {max_elements}"
+        )
+    if size <= 0:
+        return ()
+    chunk = min(max_elements, max(min_elements, -(-size // target_chunks)))
+    full, rest = divmod(size, chunk)
+    return (chunk,) * full + ((rest,) if rest else ())
