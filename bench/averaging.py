@@ -165,14 +165,15 @@ async def _rounds(
                 # Dropped before the next round, as the network process does once it copied the result:
                 # its memory then serves the next round's buffers (hivewire/buffers.py).
                 del result, report
-    await asyncio.to_thread(_wait, barrier)  # nobody closes while another still reads
     return times, digests
 
 
 async def _over_tcp(job: Job, rank: int, barrier: Barrier) -> tuple[dict[Key, list[float]], dict[Key, str]]:
     transport = await connect_tcp_group(rank, list(zip(job.hosts, job.ports[: job.peers], strict=True)), barrier)
     try:
-        return await _rounds(job, rank, transport, barrier)
+        measured = await _rounds(job, rank, transport, barrier)
+        await asyncio.to_thread(_wait, barrier)  # nobody closes while another still reads
+        return measured
     finally:
         transport.close()
 
@@ -183,7 +184,8 @@ async def _over_links(
     group = await _links.open_links(rank, pipes, host=job.hosts[rank], path=job.method)
     try:
         measured = await _rounds(job, rank, LinkGroupTransport(group.links), barrier)
-        _links.check_still_on_path(group, job.method)
+        _links.check_still_on_path(group, job.method)  # before the barrier: after it, others close their links
+        await asyncio.to_thread(_wait, barrier)  # nobody closes while another still reads
         return measured
     finally:
         await group.close()

@@ -81,8 +81,8 @@ class ButterflySettings:
     max_weight: float = 1e12  # the largest weight (sample count) a member may claim
     # The pipeline's grain (partition.plan_chunks): about this many chunks per shard, each of this many
     # elements at least (per-message costs) and at most (a reducer returns chunk j while later ones travel).
-    chunks_per_shard: int = 8
-    min_chunk_elements: int = 2**16  # 256 KiB of float32
+    chunks_per_shard: int = 16
+    min_chunk_elements: int = 2**15  # 128 KiB of float32: 4 payloads of link credit still fill a 40 ms RTT
     max_chunk_elements: int = 2**20  # 4 MiB of float32
 
     def __post_init__(self) -> None:
