@@ -109,42 +109,54 @@ class LinkGroup:
     """This process's open Links to the other ranks, and the direct-path listener when the path uses one."""
 
     def __init__(self) -> None:
-        self.links: dict[str, Link] = {}
+        self.stripes: dict[str, list[Link]] = {}  # peer -> its Links, in the order both sides opened them
         self.endpoint: Any = None  # hivewire.mesh.direct.DirectEndpoint on the direct-tls path
 
+    @property
+    def links(self) -> dict[str, Link]:
+        """The first Link to each peer (the only one unless striped)."""
+        return {peer: links[0] for peer, links in self.stripes.items()}
+
+    def all_links(self) -> list[Link]:
+        return [link for links in self.stripes.values() for link in links]
+
     async def close(self) -> None:
-        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        await asyncio.gather(*(link.close() for link in self.all_links()), return_exceptions=True)
         if self.endpoint is not None:
             await self.endpoint.close()
 
 
-async def open_links(rank: int, pipes: Mapping[int, Connection], *, host: str, path: str) -> LinkGroup:
-    """Open a Link to every other rank (``pipes``: rank -> this pair's signaling pipe) on ``path``.
+async def open_links(
+    rank: int, pipes: Mapping[int, Connection], *, host: str, path: str, stripes: int = 1
+) -> LinkGroup:
+    """Open ``stripes`` Links to every other rank (``pipes``: rank -> this pair's signaling pipe) on ``path``.
 
     Host candidates (and the direct path's listener) are restricted to ``host`` (127.0.0.1, or the
     namespace's address). Returns once every link carries bulk payloads on the path asked for.
     """
     restrict_host_addresses([host])
     group = LinkGroup()
+
+    async def pair(other: int, conn: Connection) -> None:
+        for _ in range(stripes):  # one negotiation at a time on the pair's pipe, in the same order on both sides
+            pc = RTCPeerConnection(build_configuration([]))
+            extra = {"direct": group.endpoint} if group.endpoint is not None else {}
+            link = Link(pc, peer=f"peer{other}", settings=LINK_SETTINGS, **extra)
+            group.stripes.setdefault(link.peer, []).append(link)
+            await _negotiate(pc, conn, offer=rank < other, host=host)
+
     try:
         if path == "direct-tls":
             direct = importlib.import_module("hivewire.mesh.direct")
             group.endpoint = direct.DirectEndpoint(direct.DirectSettings(listen_addresses=(host,)))
             await group.endpoint.start()
-        pending = []
-        for other, conn in sorted(pipes.items()):
-            pc = RTCPeerConnection(build_configuration([]))
-            extra = {"direct": group.endpoint} if group.endpoint is not None else {}
-            link = Link(pc, peer=f"peer{other}", settings=LINK_SETTINGS, **extra)
-            group.links[link.peer] = link
-            pending.append(_negotiate(pc, conn, offer=rank < other, host=host))
         async with asyncio.timeout(SETUP_TIMEOUT_S):
-            await asyncio.gather(*pending)
-            await asyncio.gather(*(link.wait_open() for link in group.links.values()))
+            await asyncio.gather(*(pair(other, conn) for other, conn in sorted(pipes.items())))
+            await asyncio.gather(*(link.wait_open() for link in group.all_links()))
         if path == "direct-tls":
             await _wait_direct(group)
-        elif any(getattr(link, "path", "webrtc") != "webrtc" for link in group.links.values()):
-            raise RuntimeError(f"links left WebRTC for {[link.path for link in group.links.values()]}")
+        elif any(getattr(link, "path", "webrtc") != "webrtc" for link in group.all_links()):
+            raise RuntimeError(f"links left WebRTC for {[link.path for link in group.all_links()]}")
     except BaseException:
         await group.close()
         raise
@@ -159,8 +171,8 @@ async def _wait_direct(group: LinkGroup) -> None:
     """Wait until every link sends bulk over direct TLS; PathNotUp with each link's state when not in time."""
     try:
         async with asyncio.timeout(PATH_UP_TIMEOUT_S):
-            while any(link.path != "direct-tls" for link in group.links.values()):
-                failed = [link for link in group.links.values() if link.direct_state in ("off", "refused")]
+            while any(link.path != "direct-tls" for link in group.all_links()):
+                failed = [link for link in group.all_links() if link.direct_state in ("off", "refused")]
                 if failed:
                     break
                 await asyncio.sleep(0.01)  # the direct handshake reports no event to wait on
@@ -168,7 +180,7 @@ async def _wait_direct(group: LinkGroup) -> None:
                 return
     except TimeoutError:
         pass
-    states = {link.peer: link.direct_state for link in group.links.values()}
+    states = {link.peer: link.direct_state for link in group.all_links()}
     raise PathNotUp(f"direct TLS path not up on every link after {PATH_UP_TIMEOUT_S} s: {states}")
 
 
@@ -176,7 +188,7 @@ def check_still_on_path(group: LinkGroup, path: str) -> None:
     """After the rounds: a direct-tls row whose payloads fell back to WebRTC would time the wrong path."""
     if path != "direct-tls":
         return
-    for link in group.links.values():
+    for link in group.all_links():
         stats = link.stats
         if link.path != "direct-tls" or stats.payloads_sent_direct != stats.payloads_sent:
             raise RuntimeError(

@@ -91,6 +91,12 @@ class Job:
     ports: tuple[int, ...]  # each rank's TCP port, then gloo's rendezvous port
     namespaces: tuple[str, ...] = ()  # each rank's network namespace, or () for this one
     interface: str = "lo"  # where gloo's sockets go
+    stripes: int = 1  # Links per pair of peers, messages striped over them (LinkGroupTransport)
+
+    @property
+    def name(self) -> str:
+        """The row's method: the path, and how many stripes when more than one."""
+        return self.method if self.stripes == 1 else f"{self.method} x{self.stripes}"
 
 
 @dataclass
@@ -141,7 +147,7 @@ async def _rounds(
     for size in job.sizes:
         tensor = _tensor(size // 4, rank)
         for codec in job.codecs:
-            key = (job.method, size, codec)
+            key = (job.name, size, codec)
             for attempt in range(job.repeat + 1):
                 await asyncio.to_thread(_wait, barrier)  # never block the loop: it still flushes our sends
                 start = time.perf_counter()
@@ -181,9 +187,9 @@ async def _over_tcp(job: Job, rank: int, barrier: Barrier) -> tuple[dict[Key, li
 async def _over_links(
     job: Job, rank: int, barrier: Barrier, pipes: dict[int, Connection]
 ) -> tuple[dict[Key, list[float]], dict[Key, str]]:
-    group = await _links.open_links(rank, pipes, host=job.hosts[rank], path=job.method)
+    group = await _links.open_links(rank, pipes, host=job.hosts[rank], path=job.method, stripes=job.stripes)
     try:
-        measured = await _rounds(job, rank, LinkGroupTransport(group.links), barrier)
+        measured = await _rounds(job, rank, LinkGroupTransport(group.stripes), barrier)
         _links.check_still_on_path(group, job.method)  # before the barrier: after it, others close their links
         await asyncio.to_thread(_wait, barrier)  # nobody closes while another still reads
         return measured
@@ -304,7 +310,7 @@ class Bench:
     digests: dict[tuple[str, int, int, str], dict[str, str]] = field(default_factory=dict)
 
     def measure(self, network: str, job: Job) -> None:
-        label = f"{network} {job.peers} peers {job.method}"
+        label = f"{network} {job.peers} peers {job.name}"
         print(f"... {label}: {', '.join(f'{s / 1e6:g} MB' for s in job.sizes)}", file=sys.stderr, flush=True)
         outcome = run_job(job)
         for _ in range(SETUP_RETRIES):
@@ -314,7 +320,7 @@ class Bench:
             outcome = run_job(job)
         if outcome.error is not None:
             self.failures.append(f"{label}: {outcome.error}")
-        methods = ("gloo", job.method) if job.method == "tcp" else (job.method,)
+        methods = ("gloo", job.name) if job.method == "tcp" else (job.name,)
         for method in methods:
             for size in job.sizes:
                 for codec in ("none",) if method == "gloo" else job.codecs:
@@ -340,7 +346,7 @@ class Bench:
     def print_table(self, started: float) -> None:
         find = {(r.network, r.peers, r.size, r.codec, r.method): r.seconds for r in self.rows}
         header = (
-            f"{'network':<8} {'peers':>5} {'size':>7} {'codec':>5} {'path':<15} {'round s':>8} {'t/gloo':>8} "
+            f"{'network':<8} {'peers':>5} {'size':>7} {'codec':>5} {'path':<17} {'round s':>8} {'t/gloo':>8} "
             f"{'t/tcp':>6} {'untuned/t':>9} {'bound s':>8} {'%bound':>6} {'MB/s':>6}"
         )
         print(header)
@@ -349,8 +355,9 @@ class Bench:
             bandwidth = (self.args.rate_mbit if row.network == "wan" else self.args.bandwidth_mbit) * 1e6 / 8
             moved = 2 * (row.peers - 1) / row.peers * row.size
             bound = moved / bandwidth
-            name = _links.PATH_LABELS.get(row.method, row.method)
-            start = f"{row.network:<8} {row.peers:>5} {row.size / 1e6:>5g}MB {row.codec:>5} {name:<15}"
+            path, _, stripes = row.method.partition(" ")
+            name = " ".join(filter(None, (_links.PATH_LABELS.get(path, path), stripes)))
+            start = f"{row.network:<8} {row.peers:>5} {row.size / 1e6:>5g}MB {row.codec:>5} {name:<17}"
             if row.seconds is None:
                 print(f"{start} {row.note}")
                 continue
@@ -396,6 +403,9 @@ def loopback(bench: Bench) -> None:
             continue
         repeat = args.untuned_repeat if path == "webrtc-untuned" else args.repeat
         bench.measure("loopback", Job(path, 2, link_sizes, LINK_CODECS, repeat, (LOOPBACK,) * 2, ()))
+        if args.stripes > 1 and path.startswith("webrtc"):
+            job = Job(path, 2, link_sizes, LINK_CODECS, repeat, (LOOPBACK,) * 2, (), stripes=args.stripes)
+            bench.measure("loopback", job)
 
 
 def wan(bench: Bench) -> None:
@@ -418,11 +428,13 @@ def wan(bench: Bench) -> None:
                     continue
                 repeat = args.untuned_repeat if path == "webrtc-untuned" else args.repeat
                 jobs.append(Job(path, peers, sizes, ("none",), repeat, hosts, (), spaces, "eth0"))
+                if args.stripes > 1 and path.startswith("webrtc"):
+                    jobs.append(Job(path, peers, sizes, ("none",), repeat, hosts, (), spaces, "eth0", args.stripes))
             for job in jobs:
                 before = lab.drops()
                 bench.measure("wan", job)
                 dropped = ", ".join(f"{where} {count - before[where]}" for where, count in lab.drops().items())
-                bench.notes.append(f"wan {peers} peers {job.method}: packets dropped: {dropped}")
+                bench.notes.append(f"wan {peers} peers {job.name}: packets dropped: {dropped}")
         if lab.delay_report:
             bench.notes.append(f"wan {peers} peers: {lab.delay_report}")
 
@@ -436,6 +448,9 @@ def main() -> None:
     parser.add_argument("--link-mb", type=float, nargs="+", help="loopback sizes over Links (default: --sizes-mb)")
     parser.add_argument("--peers", type=int, nargs="+", help="loopback group sizes over TCP (default 2 4)")
     parser.add_argument("--paths", nargs="*", choices=_links.PATHS, default=list(_links.PATHS), help="Link paths")
+    parser.add_argument(
+        "--stripes", type=int, default=2, help="WebRTC rows also run striped over this many Links per pair (1: not)"
+    )
     parser.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="loopback bound's link speed")
     parser.add_argument("--no-wan", action="store_true", help="leave out the emulated WAN rows")
     parser.add_argument("--wan-only", action="store_true", help="only the emulated WAN rows")

@@ -48,20 +48,25 @@ def _loopback_sdp(description: RTCSessionDescription | None) -> RTCSessionDescri
     return description
 
 
+async def _link_pair(offerer: str, answerer: str) -> tuple[Link, Link]:
+    """An open pair of Links: the offerer's to the answerer, and the answerer's back."""
+    pc_offer, pc_answer = RTCPeerConnection(build_configuration([])), RTCPeerConnection(build_configuration([]))
+    there, back = Link(pc_offer, peer=answerer), Link(pc_answer, peer=offerer)
+    await pc_offer.setLocalDescription(await pc_offer.createOffer())
+    await pc_answer.setRemoteDescription(_loopback_sdp(pc_offer.localDescription))
+    await pc_answer.setLocalDescription(await pc_answer.createAnswer())
+    await pc_offer.setRemoteDescription(_loopback_sdp(pc_answer.localDescription))
+    await asyncio.gather(there.wait_open(), back.wait_open())
+    return there, back
+
+
 @pytest.fixture
 async def mesh() -> AsyncIterator[dict[str, dict[str, Link]]]:
     """``mesh[x][y]`` is x's open Link to y, for every pair of the three members."""
     links: dict[str, dict[str, Link]] = {member: {} for member in MEMBERS}
     for i, offerer in enumerate(MEMBERS):
         for answerer in MEMBERS[i + 1 :]:
-            pc_offer, pc_answer = RTCPeerConnection(build_configuration([])), RTCPeerConnection(build_configuration([]))
-            links[offerer][answerer] = Link(pc_offer, peer=answerer)
-            links[answerer][offerer] = Link(pc_answer, peer=offerer)
-            await pc_offer.setLocalDescription(await pc_offer.createOffer())
-            await pc_answer.setRemoteDescription(_loopback_sdp(pc_offer.localDescription))
-            await pc_answer.setLocalDescription(await pc_answer.createAnswer())
-            await pc_offer.setRemoteDescription(_loopback_sdp(pc_answer.localDescription))
-    await asyncio.gather(*(link.wait_open() for peers in links.values() for link in peers.values()))
+            links[offerer][answerer], links[answerer][offerer] = await _link_pair(offerer, answerer)
     yield links
     for peers in links.values():
         for link in peers.values():
@@ -153,3 +158,35 @@ async def test_member_killed_mid_round_over_links(mesh: dict[str, dict[str, Link
         assert report.duration_s < settings.reduce_timeout_s
         assert torch.equal(result[:22_500], everyone[:22_500])  # a's and b's shards, c's parts included
         assert torch.equal(result[22_500:], values[member][22_500:])
+
+
+async def test_messages_striped_over_several_links_arrive_in_order_and_give_the_same_bits() -> None:
+    """Two members, three Links between them: message i goes over Link i mod 3 and is read from it."""
+    pairs = [await _link_pair("a", "b") for _ in range(3)]
+    stripes = {"a": {"b": [there for there, _ in pairs]}, "b": {"a": [back for _, back in pairs]}}
+    values = tensors(("a", "b"), 600_000)
+    settings = ButterflySettings(reduce_timeout_s=20.0, gather_timeout_s=20.0, min_chunk_elements=2**14)
+    try:
+        rounds = [
+            butterfly_allreduce(
+                values[member],
+                me=member,
+                throughputs={"a": 1.0, "b": 1.0},
+                weight=WEIGHTS[member],
+                round_id="striped",
+                transport=LinkGroupTransport(stripes[member]),
+                codec=NoCompression(),
+                settings=settings,
+            )
+            for member in ("a", "b")
+        ]
+        results = await asyncio.gather(*rounds)
+        for result, report in results:
+            assert torch.equal(result, weighted_mean(values, WEIGHTS))
+            assert report.excluded == {}
+        sent = [there.stats.payloads_sent for there, _ in pairs]
+        assert sent == [11, 11, 10]  # 16 PART chunks, then 16 RESULT chunks, dealt round-robin
+    finally:
+        await asyncio.gather(*(link.close() for pair in pairs for link in pair))
+    with pytest.raises(ValueError, match="at least one link"):
+        LinkGroupTransport({"b": []})

@@ -7,7 +7,7 @@ and for trying strategies without a network.
 """
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from hivewire.averaging.errors import PeerUnreachable
@@ -28,35 +28,47 @@ class GroupTransport(Protocol):
 
 
 class LinkGroupTransport:
-    """A GroupTransport over open mesh Links, one per other member, messages as bulk payloads.
+    """A GroupTransport over open mesh Links, messages as bulk payloads; one Link per other member, or several.
 
+    With several Links to a member (stripes: separate WebRTC connections, each with its own SCTP window and
+    congestion control), message i to it goes over stripe i mod n and the receiver reads message i from the
+    same stripe, so messages still arrive in order; both sides must list the same Links in the same order.
     The butterfly must be the only reader of these links' bulk channels while a round runs: payloads are
     not tagged by consumer. Framing bounds what a peer can make us allocate (``FramingLimits``); the
     butterfly checks every message's size and content after that.
     """
 
-    def __init__(self, links: Mapping[str, Link]) -> None:
-        self._links = dict(links)
+    def __init__(self, links: Mapping[str, Link | Sequence[Link]]) -> None:
+        self._links = {peer: (link,) if isinstance(link, Link) else tuple(link) for peer, link in links.items()}
+        if not all(self._links.values()):
+            raise ValueError("every member needs at least one link")
+        self._sent = dict.fromkeys(self._links, 0)
+        self._received = dict.fromkeys(self._links, 0)
 
-    def _link(self, peer: str) -> Link:
+    def _stripes(self, peer: str) -> tuple[Link, ...]:
         try:
             return self._links[peer]
         except KeyError:
             raise PeerUnreachable(f"no link to group member {peer}; links to: {sorted(self._links)}") from None
 
     async def send(self, peer: str, data: bytes | bytearray | memoryview) -> None:
+        stripes = self._stripes(peer)
+        link = stripes[self._sent[peer] % len(stripes)]
+        self._sent[peer] += 1
         try:
-            await self._link(peer).send_payload(data, borrow=True)  # messages are never changed once sent
+            await link.send_payload(data, borrow=True)  # messages are never changed once sent
         except LinkError as exc:
             raise PeerUnreachable(str(exc)) from exc
 
     async def recv(self, peer: str, *, timeout_s: float) -> bytes | bytearray | memoryview:
-        link = self._link(peer)
+        stripes = self._stripes(peer)
+        link = stripes[self._received[peer] % len(stripes)]
         try:
             async with asyncio.timeout(timeout_s):
                 _, data = await link.recv_payload()
         except LinkError as exc:
             raise PeerUnreachable(str(exc)) from exc
+        self._received[peer] += 1
         return data
 
 
