@@ -10,6 +10,7 @@ one process can hold a tuned and an untuned peer. Everything runs on 127.0.0.1 (
 """
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -532,3 +533,65 @@ async def test_data_in_flight_stays_under_the_flight_cap(pairs, monkeypatch: pyt
     await transfer(pair.a, pair.b, os.urandom(2 * 2**20))
     assert sctp._cwnd > cap  # the window alone would have let more out
     assert 0 < highest[0] <= cap + aiortc.rtcsctptransport.USERDATA_MAX_LENGTH
+
+
+# --- batched sends (UDP GSO) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gso(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """GSO on (this is Linux) with fresh counters; whatever a test turns off is put back after it."""
+    monkeypatch.setattr(tuning._DatagramBatch, "gso_working", True)
+    stats = {"sendmsg": 0, "datagrams": 0}
+    monkeypatch.setattr(tuning._DatagramBatch, "stats", stats)
+    return stats
+
+
+async def test_a_burst_leaves_in_segmented_sends_and_arrives_bit_exact(pairs, gso: dict[str, int]) -> None:
+    pair = await pairs(True, True)
+    await transfer(pair.a, pair.b, os.urandom(3 * 2**20 + 11))
+    assert gso["sendmsg"] > 0
+    assert gso["datagrams"] >= 2 * gso["sendmsg"]  # several datagrams per syscall (a SACK's worth, often)
+    assert gso["datagrams"] > 0.5 * (3 * 2**20) / 1200  # most of the payload's ~2,600 packets went that way
+
+
+async def test_an_untuned_sender_sends_one_datagram_per_syscall(pairs, gso: dict[str, int]) -> None:
+    pair = await pairs(False, True)
+    await transfer(pair.a, pair.b, os.urandom(2**20))
+    assert gso == {"sendmsg": 0, "datagrams": 0}
+
+
+async def test_a_kernel_refusing_gso_turns_it_off_and_payloads_still_arrive(
+    pairs, gso: dict[str, int], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refused(*args: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(tuning, "_sendmsg", refused)
+    pair = await pairs(True, True)
+    with caplog.at_level(logging.WARNING, logger="hivewire.mesh.tuning"):
+        await transfer(pair.a, pair.b, os.urandom(2**20 + 3))
+    assert tuning._DatagramBatch.gso_working is False
+    assert sum("UDP GSO refused" in record.message for record in caplog.records) == 1
+    assert gso["sendmsg"] == 0
+
+
+async def test_a_full_socket_buffer_falls_back_to_the_transport_in_order(
+    pairs, gso: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = [0]
+    real = tuning._sendmsg
+
+    def every_other_one_full(*args: object) -> int:
+        calls[0] += 1
+        if calls[0] % 2:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real(*args)
+
+    monkeypatch.setattr(tuning, "_sendmsg", every_other_one_full)
+    pair = await pairs(True, True)
+    await asyncio.gather(
+        transfer(pair.a, pair.b, os.urandom(2 * 2**20 + 1)), transfer(pair.b, pair.a, os.urandom(2**20 + 9))
+    )
+    assert tuning._DatagramBatch.gso_working is True  # a full buffer is no reason to give GSO up
+    assert calls[0] > 2 and gso["sendmsg"] > 0
