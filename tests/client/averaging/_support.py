@@ -52,8 +52,10 @@ async def run_group(
     settings: ButterflySettings = RELAXED,
     behaviours: Mapping[str, Behaviour] | None = None,
     hub: InProcessHub | None = None,
+    transports: Mapping[str, GroupTransport] | None = None,
 ) -> dict[str, tuple[torch.Tensor, RoundReport]]:
-    """Run one round; members named in ``behaviours`` run that coroutine instead of the butterfly."""
+    """Run one round; members named in ``behaviours`` run that coroutine instead of the butterfly, those in
+    ``transports`` average over that transport instead of the hub's."""
     behaviours = behaviours or {}
     throughputs = throughputs or dict.fromkeys(values, 1.0)
     hub = hub or InProcessHub(sorted(throughputs))
@@ -66,7 +68,7 @@ async def run_group(
             throughputs=throughputs,
             weight=weights[member],
             round_id=ROUND,
-            transport=hub.transport(member),
+            transport=(transports or {}).get(member) or hub.transport(member),
             codec=codec or NoCompression(),
             settings=settings,
         )

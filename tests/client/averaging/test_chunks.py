@@ -12,8 +12,8 @@ from hivewire.averaging import (
     Cause,
     InProcessHub,
     NoCompression,
-    butterfly_allreduce,
 )
+from hivewire.averaging.butterfly import chunk_slices
 from hivewire.averaging.messages import KIND_PART, KIND_RESULT, encode_message, parse_message, round_tag
 from hivewire.averaging.partition import plan_chunks, plan_partition
 from hivewire.averaging.transport import GroupTransport
@@ -28,19 +28,9 @@ CHUNKED = ButterflySettings(
 EVEN = dict.fromkeys(MEMBERS, 1.0)
 
 
-def chunk_slices(member: str, settings: ButterflySettings = CHUNKED, numel: int = NUMEL) -> list[slice]:
-    partition = plan_partition(numel, EVEN)
-    start = partition.slice(partition.index(member)).start
-    slices = []
-    for size in plan_chunks(
-        partition.size(member),
-        target_chunks=settings.chunks_per_shard,
-        min_elements=settings.min_chunk_elements,
-        max_elements=settings.max_chunk_elements,
-    ):
-        slices.append(slice(start, start + size))
-        start += size
-    return slices
+def chunks_of(member: str, settings: ButterflySettings = CHUNKED) -> list[slice]:
+    partition = plan_partition(NUMEL, EVEN)
+    return chunk_slices(partition, partition.index(member), settings)
 
 
 def part_chunk(reducer: str, values: torch.Tensor, chunk: int, *, weight: float, at: int | None = None) -> bytes:
@@ -55,7 +45,7 @@ def part_chunk(reducer: str, values: torch.Tensor, chunk: int, *, weight: float,
             weight=weight,
             contributors=0,
             codec=NoCompression(),
-            values=values[chunk_slices(reducer)[chunk]],
+            values=values[chunks_of(reducer)[chunk]],
         )
     )
 
@@ -99,24 +89,11 @@ async def test_chunked_round_gives_the_same_bits_as_one_message_per_shard(settin
     values = tensors(MEMBERS, NUMEL)
     hub = InProcessHub(MEMBERS)
     recorders = {member: _Recording(hub.transport(member)) for member in MEMBERS}
-
-    async def member_round(member: str) -> tuple[torch.Tensor, object]:
-        return await butterfly_allreduce(
-            values[member],
-            me=member,
-            throughputs=EVEN,
-            weight=WEIGHTS[member],
-            round_id=ROUND,
-            transport=recorders[member],
-            codec=NoCompression(),
-            settings=settings,
-        )
-
-    results = await asyncio.gather(*(member_round(member) for member in MEMBERS))
+    results = await run_group(values, WEIGHTS, settings=settings, hub=hub, transports=recorders)
     expected = weighted_mean(values, WEIGHTS)  # whole-tensor float64 arithmetic
-    chunks = len(chunk_slices("a", settings))
+    chunks = len(chunks_of("a", settings))
     assert chunks == (4 if settings is CHUNKED else 429)
-    for member, (result, report) in zip(MEMBERS, results, strict=True):
+    for member, (result, report) in results.items():
         assert torch.equal(result, expected), member
         assert report.excluded == {} and report.averaged_fraction == 1.0
         assert report.contributors == dict.fromkeys(MEMBERS, MEMBERS)
@@ -140,7 +117,7 @@ async def test_a_reducer_returns_early_chunks_before_the_last_part_reaches_it() 
     wait for that chunk first and stall until the reduce deadline; the pipelined one completes at once."""
     values = tensors(MEMBERS, NUMEL)
     hub = InProcessHub(MEMBERS)
-    last = len(chunk_slices("a")) - 1
+    last = len(chunks_of("a")) - 1
     result_from_a = asyncio.Event()
 
     class HoldsLastPart:
@@ -159,23 +136,8 @@ async def test_a_reducer_returns_early_chunks_before_the_last_part_reaches_it() 
     settings = ButterflySettings(
         reduce_timeout_s=20.0, gather_timeout_s=20.0, chunks_per_shard=4, min_chunk_elements=100
     )
-    transports = {"a": hub.transport("a"), "b": HoldsLastPart(), "c": hub.transport("c")}
-    results = await asyncio.gather(
-        *(
-            butterfly_allreduce(
-                values[member],
-                me=member,
-                throughputs=EVEN,
-                weight=WEIGHTS[member],
-                round_id=ROUND,
-                transport=transports[member],
-                codec=NoCompression(),
-                settings=settings,
-            )
-            for member in MEMBERS
-        )
-    )
-    for result, report in results:
+    results = await run_group(values, WEIGHTS, settings=settings, hub=hub, transports={"b": HoldsLastPart()})
+    for result, report in results.values():
         assert torch.equal(result, weighted_mean(values, WEIGHTS))
         assert report.excluded == {}
         assert report.duration_s < settings.reduce_timeout_s  # never waited for the deadline
@@ -197,11 +159,11 @@ async def test_a_member_lost_part_way_counts_for_the_chunks_it_delivered() -> No
     without_c = weighted_mean({member: values[member] for member in ("a", "b")}, WEIGHTS)
     for member, (result, report) in results.items():
         for reducer in ("a", "b"):
-            for chunk, where in enumerate(chunk_slices(reducer)):
+            for chunk, where in enumerate(chunks_of(reducer)):
                 assert torch.equal(result[where], (with_c if chunk < 2 else without_c)[where]), (member, chunk)
             assert report.contributors[reducer] == ("a", "b")  # c is not in every chunk
             assert report.total_weight[reducer] == 3.0
-        for where in chunk_slices("c"):
+        for where in chunks_of("c"):
             assert torch.equal(result[where], values[member][where])
         assert report.excluded["c"].cause == Cause.CONNECTION_LOST
         assert report.kept_local == ("c",)
@@ -233,12 +195,12 @@ async def test_a_wrong_chunk_cuts_its_sender_off(second: dict, detail: str) -> N
     without_c = weighted_mean({member: values[member] for member in ("a", "b")}, WEIGHTS)
     first = results["a"][0]
     for result, report in results.values():
-        averaged = slice(0, chunk_slices("b")[-1].stop)  # a's and b's shards; c's stays each member's own
+        averaged = slice(0, chunks_of("b")[-1].stop)  # a's and b's shards; c's stays each member's own
         assert torch.equal(result[averaged], first[averaged])  # whichever chunks had c in them, both agree
         assert report.excluded["c"].cause == Cause.BAD_MESSAGE
         assert detail in report.excluded["c"].detail
         assert report.contributors["a"] == ("a", "b")
-        for where in chunk_slices("a")[1:]:
+        for where in chunks_of("a")[1:]:
             assert torch.equal(result[where], without_c[where])  # every chunk after the cut is a and b alone
         assert report.duration_s < CHUNKED.reduce_timeout_s  # cut at once, not waited out
 
@@ -267,7 +229,7 @@ async def test_chunks_after_the_reduce_deadline_are_left_out_without_cutting_the
         assert report.excluded["c"].cause == Cause.MISSED_REDUCE_DEADLINE
         assert "1 of 4 PART chunks within reduce_timeout_s=0.3" in report.excluded["c"].detail
         for reducer in ("a", "b"):
-            chunks = chunk_slices(reducer)
+            chunks = chunks_of(reducer)
             assert torch.equal(result[chunks[0]], with_c[chunks[0]])
             for where in chunks[1:]:
                 assert torch.equal(result[where], without_c[where])

@@ -185,8 +185,8 @@ def weighted_mean(parts: Sequence[torch.Tensor], scales: Sequence[float], diviso
     return torch.from_numpy(out)
 
 
-def _chunk_slices(partition: Partition, index: int, settings: ButterflySettings) -> list[slice]:
-    """Where each chunk of shard ``index`` lies in the flat tensor."""
+def chunk_slices(partition: Partition, index: int, settings: ButterflySettings) -> list[slice]:
+    """Where each chunk of shard ``index`` lies in the flat tensor (plan_chunks under ``settings``)."""
     start = partition.slice(index).start
     slices = []
     for size in plan_chunks(
@@ -231,7 +231,7 @@ class _Round:
         self.index = partition.index(me)
         self.others = [member for member in partition.members if member != me]
         self.reducers = [member for member in self.others if partition.size(member) > 0]
-        self.chunks = [_chunk_slices(partition, index, settings) for index in range(len(partition.members))]
+        self.chunks = [chunk_slices(partition, index, settings) for index in range(len(partition.members))]
         self.my_chunks = self.chunks[self.index]
         self.out = torch.from_numpy(empty_float_array(flat.numel(), flat.numpy().dtype))
         self.weights: dict[str, float] = {me: weight}  # each member's PART weight, from its first chunk
