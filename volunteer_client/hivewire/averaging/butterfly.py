@@ -295,7 +295,10 @@ class _Round:
         """Send ``peer`` its messages in the order they were queued, each encoded only when its turn comes."""
         outbox = self.outboxes[peer]
         while True:
-            data = (await outbox.get())()
+            message = await outbox.get()
+            if peer in self.cut:
+                return  # nothing more goes to a member cut off
+            data = message()
             try:
                 await self.transport.send(peer, data)
             except PeerUnreachable as exc:
