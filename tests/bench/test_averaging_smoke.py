@@ -21,7 +21,7 @@ RUN_TIMEOUT_S = 300  # the run takes ~30 s on an idle 2-core machine; this only 
 LABELS = {"gloo": "gloo", "tcp": "tcp", "untuned": "webrtc untuned", "tuned": "webrtc tuned", "direct": "direct TLS"}
 ROW = re.compile(
     r"^(?P<network>loopback|wan)\s+(?P<peers>\d+)\s+(?P<size>[\d.]+)MB\s+(?P<codec>none|fp16|int8)\s+"
-    r"(?P<path>gloo|tcp|webrtc untuned|webrtc tuned|direct TLS)\s+(?P<rest>.*)$",
+    r"(?P<path>gloo|tcp|webrtc untuned|webrtc tuned|direct TLS)(?: x(?P<stripes>\d+))?\s+(?P<rest>.*)$",
     re.MULTILINE,
 )
 
@@ -52,19 +52,23 @@ def test_quick_run_prints_every_row() -> None:
     assert done.returncode == 0, report
     assert "FAILED" not in done.stderr, report
 
-    rows = {(m["network"], m["codec"], m["path"]): m["rest"].strip() for m in ROW.finditer(done.stdout)}
+    rows = {
+        (m["network"], m["codec"], m["path"] + (f" x{m['stripes']}" if m["stripes"] else "")): m["rest"].strip()
+        for m in ROW.finditer(done.stdout)
+    }
     built = {
         "webrtc untuned": True,
         "webrtc tuned": importlib.util.find_spec("hivewire.mesh.tuning") is not None,
         "direct TLS": importlib.util.find_spec("hivewire.mesh.direct") is not None,
     }
     expected = [("loopback", "none", "gloo")] + [("loopback", codec, "tcp") for codec in ("none", "fp16", "int8")]
-    expected += [("loopback", codec, path) for path in built for codec in ("none", "int8")]
-    expected += [("wan", "none", path) for path in ("gloo", "tcp", *built)]
+    striped = [f"{path} x2" for path, ok in built.items() if ok and path.startswith("webrtc")]  # --stripes 2
+    expected += [("loopback", codec, path) for path in (*built, *striped) for codec in ("none", "int8")]
+    expected += [("wan", "none", path) for path in ("gloo", "tcp", *built, *striped)]
     for key in expected:
         assert key in rows, f"no row for {key}\n{report}"
         network, _, path = key
-        measured = (network == "loopback" or wan) and built.get(path, True)
+        measured = (network == "loopback" or wan) and built.get(path.removesuffix(" x2"), True)
         if measured:
             assert re.match(r"^\d+\.\d{3}\s", rows[key]), f"{key} has no time: {rows[key]!r}\n{report}"
         else:
