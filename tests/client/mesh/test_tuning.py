@@ -19,7 +19,9 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+import aioice.ice
 import aioice.turn
 import aiortc
 import aiortc.rtcpeerconnection
@@ -595,3 +597,24 @@ async def test_a_full_socket_buffer_falls_back_to_the_transport_in_order(
     )
     assert tuning._DatagramBatch.gso_working is True  # a full buffer is no reason to give GSO up
     assert calls[0] > 2 and gso["sendmsg"] > 0
+
+
+async def test_only_a_plain_udp_pair_is_batched_never_a_turn_relayed_one() -> None:
+    """Over TURN each datagram must go through the relay's framing: batching there would bypass the relay."""
+    loop = asyncio.get_running_loop()
+    protocol = aioice.ice.StunProtocol(receiver=None)
+    udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+    pair = SimpleNamespace(protocol=protocol)
+    sctp = SimpleNamespace(transport=SimpleNamespace(transport=SimpleNamespace(_connection=SimpleNamespace())))
+    sctp.transport.transport._connection._nominated = {1: pair}
+    try:
+        protocol.transport = object.__new__(aioice.turn.TurnTransport)  # what aioice gives a relay candidate
+        assert tuning._DatagramBatch.open(sctp) is None
+        protocol.transport = udp
+        batch = tuning._DatagramBatch.open(sctp)
+        assert batch is not None and "send_data" in vars(protocol)
+        assert tuning._DatagramBatch.open(sctp) is None  # one batch at a time
+        batch.flush()
+        assert "send_data" not in vars(protocol)  # aioice's own method again
+    finally:
+        udp.close()

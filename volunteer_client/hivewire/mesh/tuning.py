@@ -119,6 +119,7 @@ _SCTP_METHODS = (
 )
 _MODULE_ATTRIBUTES = (
     (aioice.ice, "StunProtocol"),
+    (aioice.turn, "TurnTransport"),
     (aiortc.rtcpeerconnection, "RTCSctpTransport"),
     (aiortc.rtcsctptransport, "USERDATA_MAX_LENGTH"),
     (aioice.turn, "UDP_SOCKET_BUFFER_SIZE"),
@@ -159,7 +160,9 @@ class _DatagramBatch:
             return None
         protocol = getattr(pair, "protocol", None)
         if type(protocol) is not aioice.ice.StunProtocol or "send_data" in vars(protocol):
-            return None  # TURN or TCP, or a batch is open already (its owner flushes)
+            return None  # TCP, or a batch is open already (its owner flushes)
+        if isinstance(getattr(protocol, "transport", None), aioice.turn.TurnTransport):
+            return None  # relayed: each datagram must go through the TURN client's framing
         batch = cls(protocol)
 
         async def collect(data: bytes, addr: Any) -> None:
