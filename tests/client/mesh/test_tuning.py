@@ -618,3 +618,27 @@ async def test_only_a_plain_udp_pair_is_batched_never_a_turn_relayed_one() -> No
         assert "send_data" not in vars(protocol)  # aioice's own method again
     finally:
         udp.close()
+
+
+# --- control messages first ------------------------------------------------------------------------------------
+
+
+async def _queue_order_after_control(pair: Pair) -> list[str]:
+    """Labels of what a's association still queues once a control message follows a large bulk payload."""
+    sending = asyncio.create_task(pair.a.send_payload(os.urandom(8 * 2**20)))
+    async with asyncio.timeout(DEADLINE_S):
+        while len(pair.pc_a.sctp._data_channel_queue) < 2:  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0)
+    pair.a.send_control({"type": "ping", "nonce": 7})
+    order = [channel.label for channel, _, _ in pair.pc_a.sctp._data_channel_queue]
+    _, received = await asyncio.wait_for(pair.b.recv_payload(), DEADLINE_S)
+    await asyncio.wait_for(sending, DEADLINE_S)
+    assert len(received) == 8 * 2**20
+    return order
+
+
+async def test_a_control_message_goes_ahead_of_queued_bulk_data(pairs) -> None:
+    tuned = await _queue_order_after_control(await pairs(True, True))
+    assert tuned[0] == "hivewire-control" and set(tuned[1:]) == {"hivewire-bulk"}
+    untuned = await _queue_order_after_control(await pairs(False, True))  # aiortc's order: last in line
+    assert untuned[-1] == "hivewire-control" and set(untuned[:-1]) == {"hivewire-bulk"}

@@ -51,6 +51,7 @@ from hivewire.mesh.framing import (
 
 logger = logging.getLogger(__name__)
 
+CONTROL_CHANNEL_LABEL = "hivewire-control"  # the tuned SCTP sends its messages ahead of bulk data
 CONTROL_CHANNEL_ID = 0
 BULK_CHANNEL_ID = 1
 # Refusals logged one by one before the log thins out to every 1000th, so a hostile peer cannot flood it.
@@ -142,7 +143,7 @@ class Link:
         self._direct_session: DirectSession | None = None
         self._direct: DirectStream | None = None  # the usable direct stream, if any
         self._early_direct: list[dict[str, Any]] = []  # direct records that came before our session started
-        self._control = pc.createDataChannel("hivewire-control", negotiated=True, id=CONTROL_CHANNEL_ID)
+        self._control = pc.createDataChannel(CONTROL_CHANNEL_LABEL, negotiated=True, id=CONTROL_CHANNEL_ID)
         self._bulk = pc.createDataChannel("hivewire-bulk", negotiated=True, id=BULK_CHANNEL_ID)
         self._bulk.bufferedAmountLowThreshold = self.settings.buffer_low_bytes
         self._loop = asyncio.get_running_loop()
