@@ -330,8 +330,11 @@ class _Round:
         if peer in self.cut:
             return False
         part_due = peer not in self.excluded and len(self.parts.get(peer, ())) < len(self.my_chunks)
-        shard_chunks = len(self.chunks[self.partition.index(peer)])
-        return part_due or len(self.masks.get(peer, ())) < shard_chunks
+        return part_due or self._results_missing(peer)
+
+    def _results_missing(self, peer: str) -> bool:
+        """Whether some chunk of ``peer``'s shard has no RESULT here yet (never, for an empty shard)."""
+        return len(self.masks.get(peer, ())) < len(self.chunks[self.partition.index(peer)])
 
     def _accept(self, peer: str, data: bytes | bytearray | memoryview) -> None:
         """Check one message from ``peer`` and keep what it carries; PartRejected if anything is wrong."""
@@ -435,10 +438,7 @@ class _Round:
         return received[chunk] if len(received) > chunk and member not in self.dropped else None
 
     def _gather_complete(self) -> bool:
-        results_in = all(
-            len(self.masks.get(peer, ())) == len(self.chunks[self.partition.index(peer)]) or peer in self.cut
-            for peer in self.reducers
-        )
+        results_in = all(not self._results_missing(peer) or peer in self.cut for peer in self.reducers)
         return results_in and all(self.unsent[peer] == 0 or peer in self.cut for peer in self.others)
 
     async def _wait_until(self, condition: Callable[[], bool], deadline: float) -> None:
@@ -474,11 +474,7 @@ class _Round:
 
     def _finish(self) -> tuple[torch.Tensor, RoundReport]:
         members = self.partition.members
-        kept_local = tuple(
-            peer
-            for peer in self.reducers
-            if len(self.masks.get(peer, ())) < len(self.chunks[self.partition.index(peer)])
-        )
+        kept_local = tuple(peer for peer in self.reducers if self._results_missing(peer))
         for peer in kept_local:
             detail = "no RESULT within reduce_timeout_s + gather_timeout_s; kept local values for its shard"
             self._exclude(peer, Cause.MISSED_GATHER_DEADLINE, detail)
